@@ -1,0 +1,7 @@
+#pragma once
+/// Umbrella header: includes every public header of the library, nothing else.
+#include "version.hpp"
+#include "config.hpp"
+#include "error.hpp"
+#include "concepts.hpp"
+#include "eigen.hpp"

@@ -1,0 +1,10 @@
+# Runs PROGRAM and passes only if it exits abnormally having printed EXPECT on stderr.
+execute_process(COMMAND "${PROGRAM}" RESULT_VARIABLE rc ERROR_VARIABLE err OUTPUT_VARIABLE out)
+if(rc EQUAL 0)
+  message(FATAL_ERROR "expected an abort, got exit code 0")
+endif()
+string(FIND "${err}" "${EXPECT}" at)
+if(at EQUAL -1)
+  message(FATAL_ERROR "expected stderr to contain '${EXPECT}', got: ${err}")
+endif()
+message(STATUS "aborted as expected (${rc}): ${err}")
