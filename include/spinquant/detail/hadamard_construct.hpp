@@ -26,14 +26,15 @@
 /// order 28 is served by its Paley II matrix first).
 ///
 /// Coverage: orders up to max_hadamard_order (2^16). Every multiple of 4 up to 1024 is known except
-/// these 50, for which the literature has matrices from constructions this file does not implement
-/// (Goethals-Seidel and Williamson searches beyond order 116, Miyamoto, Yamada, ...; 668 is open):
+/// these 50. All but 668 (the smallest order for which no Hadamard matrix is known at all) have
+/// matrices in the literature, from constructions this file does not implement (Goethals-Seidel
+/// arrays, Williamson and T-matrix searches beyond order 116, and others):
 ///   188 236 260 268 292 324 356 372 376 404 412 428 436 452 472 476 508 532 536 584 596 604 612
 ///   652 668 712 716 732 756 764 772 808 836 852 856 872 876 892 904 932 940 944 956 964 980 988
 ///   996 1004 1012 1016
 /// Every K an LLM dimension needs is known (hadamard_plan picks K = 4m, 8m, ... for n = m 2^j):
-/// 12 ... 172, 284 (4544, 18176 = 71 * 2^j), 464 (14848 = 29 * 512: 116 = 4 * 29 too), 684 (10944),
-/// 924 (29568) among others; the tests list them.
+/// 12 ... 172, 116 (14848, 59392 = 29 * 2^j; 464 is Paley I too), 284 (4544, 18176 = 71 * 2^j),
+/// 684 (10944), 924 (29568) among others; the tests list the models and their dimensions.
 ///
 /// Cost: construct_hadamard(K) allocates the K x K matrix (K^2 bytes) and takes O(K^2) time
 /// (Paley needs GF(q) tables of O(q) size first): a few milliseconds for K near 2048 at -O2.
@@ -42,9 +43,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
-#include <span>
 #include <string_view>
-#include <utility>
 #include <vector>
 
 #include "../config.hpp"
