@@ -262,7 +262,7 @@ TEST_CASE("every K that an LLM hidden or FFN or expert or head dimension needs i
             CHECK(k != 0);
             orders.insert(k);
         }
-    // The ones the issue names, each at its smallest possible K (the odd part times 4) except 29:
+    // The ones the issue names, each at its smallest possible K (4 times the odd part):
     CHECK(plan_order(14848) == 116);  // Falcon-180B hidden, 29 * 512: Williamson 116 (464 = Paley I too)
     CHECK(plan_order(59392) == 116);
     CHECK(plan_order(4544) == 284);   // Falcon-7B, 71 * 64: Paley I q = 283
