@@ -1,0 +1,496 @@
+#pragma once
+// The power-of-two fast Walsh-Hadamard transform: in place, natural (Sylvester) order,
+// H[u, v] = (-1)^popcount(u & v), unnormalised unless a multiplier is given.
+//
+// How it is fast (the ideas of FFHT, re-derived for xsimd and wide registers):
+// - Radix-2 stages commute, so they can run in any order and be grouped freely.
+// - The first log2(lanes) stages act inside one register: a lane permutation (xsimd::swizzle)
+//   and one fused multiply-add by a +-1 constant per stage, or, on 128-bit registers where
+//   xsimd 8.1 has no swizzle, a "constant geometry" round of add/sub + zip over a register pair.
+// - A leaf pass keeps G consecutive registers (G * lanes elements) in registers and finishes
+//   all their stages at once; the remaining stages are radix-2^r passes (r = 3 or 4) that load
+//   2^r registers at a power-of-two stride, butterfly them, and store them back.
+// - Blocks of up to fwht_block_elements elements are finished while they sit in L1; larger
+//   transforms recurse depth first (cache oblivious in spirit), so each level streams the
+//   array once.
+// - Scaling (1/sqrt(n)) and random signs ride along in the first pass; a per-element
+//   multiplier needed after the transform rides along in the last one.
+// Every function here depends on Arch, so one program can hold several instantiations (ODR).
+#include <array>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <type_traits>
+#include <utility>
+
+#include <xsimd/xsimd.hpp>
+
+#include "../config.hpp"
+
+// GCC 12 reports its own _mm512_undefined_ps() inside _mm512_permutexvar_ps (reached through
+// xsimd::swizzle) as "used uninitialized" once inlined here; the value is never read.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// The register-level helpers must be inlined for the arrays of registers to stay in registers;
+// GCC's heuristics otherwise leave some of them out of line.
+// Passes are flattened: every call inside them (xsimd's too) is inlined, whatever the compiler's
+// inlining budget says in a large translation unit.
+#if defined(__GNUC__)
+#define SPINQUANT_FWHT_INLINE [[gnu::always_inline]] inline
+#define SPINQUANT_FWHT_FLATTEN [[gnu::flatten]]
+#else
+#define SPINQUANT_FWHT_INLINE inline
+#define SPINQUANT_FWHT_FLATTEN
+#endif
+
+namespace spinquant::detail {
+
+/// How the butterflies between the lanes of one register are computed on Arch.
+enum class fwht_lane_method {
+    swizzle,  ///< xsimd::swizzle + fma with a +-1 constant (AVX, AVX2, AVX-512)
+    zip,      ///< pairs of 128-bit registers: add/sub then zip_lo/zip_hi (SSE*, NEON)
+    scalar,   ///< through a small array (any other architecture xsimd may add)
+};
+
+template <class T, class Arch>
+inline constexpr fwht_lane_method fwht_lane_method_for =
+    (std::is_base_of_v<xsimd::avx, Arch> || std::is_base_of_v<xsimd::avx512f, Arch>) ? fwht_lane_method::swizzle
+    // On a 128-bit register zip_lo/zip_hi interleave the whole register, on every ISA.
+    : (sizeof(xsimd::batch<T, Arch>) == 16) ? fwht_lane_method::zip
+                                            : fwht_lane_method::scalar;
+
+/// Registers a kernel may keep live without spilling: 32 with AVX-512, else 16.
+template <class Arch>
+inline constexpr std::size_t fwht_registers = std::is_base_of_v<xsimd::avx512f, Arch> ? 32 : 16;
+
+/// Registers finished together by the leaf pass (a power of two, at least 2).
+template <class Arch>
+inline constexpr std::size_t fwht_leaf_registers = fwht_registers<Arch> == 32 ? 16 : 8;
+
+/// Largest radix (log2) of the strided passes: 2^r registers stay live plus a few constants.
+template <class Arch>
+inline constexpr unsigned fwht_max_radix_log2 = fwht_registers<Arch> == 32 ? 4 : 3;
+
+/// Transforms up to this many bytes are finished in one piece (they fit in L1 data cache).
+inline constexpr std::size_t fwht_block_bytes = std::size_t{1} << 15;
+
+/// What to multiply by, elementwise, on the way in (before the transform) or out (after).
+enum class fwht_scale { none, scalar, vector };
+
+/// A multiplier: a per-element array, or one scalar, or nothing.
+template <class T>
+struct fwht_multiplier {
+    fwht_scale kind = fwht_scale::none;
+    T scalar = T(1);
+    const T* values = nullptr;  // kind == vector: values[i] multiplies element i
+};
+
+// ---------------------------------------------------------------------------------------------
+// Butterflies between registers
+
+/// (v[J], v[J + H]) -> (v[J] + v[J + H], v[J] - v[J + H]).
+template <std::size_t J, std::size_t H, class B, std::size_t R>
+SPINQUANT_FWHT_INLINE void fwht_butterfly(std::array<B, R>& v) noexcept
+{
+    const B a = v[J];
+    const B b = v[J + H];
+    v[J] = a + b;
+    v[J + H] = a - b;
+}
+
+/// One radix-2 stage at register distance H over v[0..R): every pair (j, j + H) in each block
+/// of 2H. Fold expressions (not loops, not lambdas) so that everything is unrolled and inlined.
+template <std::size_t H, class B, std::size_t R, std::size_t... I>
+SPINQUANT_FWHT_INLINE void fwht_register_stage(std::array<B, R>& v, std::index_sequence<I...>) noexcept
+{
+    (fwht_butterfly<(I / H) * 2 * H + I % H, H>(v), ...);
+}
+
+/// Stages at register distances First, 2 First, ..., R/2 (all of them when First = 1).
+template <std::size_t First, std::size_t R, class B>
+SPINQUANT_FWHT_INLINE void fwht_register_network(std::array<B, R>& v) noexcept
+{
+    if constexpr (First < R) {
+        fwht_register_stage<First>(v, std::make_index_sequence<R / 2>{});
+        fwht_register_network<2 * First, R>(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Butterflies between lanes
+
+template <std::size_t H>
+struct fwht_partner_lane {
+    static constexpr std::uint64_t get(std::size_t i, std::size_t) noexcept { return i ^ H; }
+};
+/// -1 in the lanes whose bit H is set, +1 elsewhere.
+template <class T, std::size_t Lanes, std::size_t H>
+inline constexpr auto fwht_lane_signs = [] {
+    std::array<T, Lanes> a{};
+    for (std::size_t i = 0; i < Lanes; ++i) a[i] = (i & H) != 0 ? T(-1) : T(1);
+    return a;
+}();
+
+/// The lane stage at distance H on one register: lane i becomes x[i] + x[i ^ H] when bit H of
+/// i is clear and x[i ^ H] - x[i] when it is set: a permutation and x * (+-1) + partner, one
+/// fused multiply-add where the compiler contracts it (the product is exact, so the rounding is
+/// that of the plain add or subtract either way).
+template <std::size_t H, class T, class Arch>
+SPINQUANT_FWHT_INLINE xsimd::batch<T, Arch> fwht_lane_stage(const xsimd::batch<T, Arch>& x) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    const batch partner = xsimd::swizzle(x, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<H>>());
+    const batch sign = batch::load_unaligned(fwht_lane_signs<T, batch::size, H>.data());
+    return xsimd::fma(x, sign, partner);
+}
+
+template <std::size_t H, class T, class Arch>
+SPINQUANT_FWHT_INLINE void fwht_lane_stages(xsimd::batch<T, Arch>& x) noexcept
+{
+    if constexpr (H < xsimd::batch<T, Arch>::size) {
+        x = fwht_lane_stage<H>(x);
+        fwht_lane_stages<2 * H>(x);
+    }
+}
+
+/// H_L on each register through a small array (fallback for architectures without a fast path).
+template <class T, class Arch>
+SPINQUANT_FWHT_INLINE void fwht_lanes_scalar(xsimd::batch<T, Arch>& x) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    alignas(64) std::array<T, lanes> a{};
+    x.store_unaligned(a.data());
+    for (std::size_t h = 1; h < lanes; h *= 2)
+        for (std::size_t i = 0; i < lanes; i += 2 * h)
+            for (std::size_t j = i; j < i + h; ++j) {
+                const T p = a[j];
+                const T q = a[j + h];
+                a[j] = p + q;
+                a[j + h] = p - q;
+            }
+    x = xsimd::batch<T, Arch>::load_unaligned(a.data());
+}
+
+/// H_{2L} on the 2L elements of the register pair (a, b) by constant geometry: each round
+/// butterflies the top index bit (a +- b) and zips, which rotates the index bits left by one;
+/// after 1 + log2(L) rounds every bit was butterflied once and the order is natural again.
+template <class T, class Arch>
+SPINQUANT_FWHT_INLINE void fwht_pair_zip(xsimd::batch<T, Arch>& a, xsimd::batch<T, Arch>& b) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    for (std::size_t round = 1; round < 2 * lanes; round *= 2) {  // 1 + log2(lanes) rounds
+        const auto s = a + b;
+        const auto d = a - b;
+        a = xsimd::zip_lo(s, d);
+        b = xsimd::zip_hi(s, d);
+    }
+}
+
+/// In-register lane butterflies of every register of v (zip: of every register pair).
+template <class T, class Arch, std::size_t R, std::size_t... I>
+SPINQUANT_FWHT_INLINE void fwht_lanes_all(std::array<xsimd::batch<T, Arch>, R>& v, std::index_sequence<I...>) noexcept
+{
+    constexpr auto method = fwht_lane_method_for<T, Arch>;
+    if constexpr (method == fwht_lane_method::zip)
+        (fwht_pair_zip<T, Arch>(v[2 * I], v[2 * I + 1]), ...);
+    else if constexpr (method == fwht_lane_method::swizzle)
+        (fwht_lane_stages<1, T, Arch>(v[I]), ...);
+    else
+        (fwht_lanes_scalar<T, Arch>(v[I]), ...);
+}
+
+/// The complete transform of the R * L consecutive elements held in v[0..R) (R >= 2).
+template <class T, class Arch, std::size_t R>
+SPINQUANT_FWHT_INLINE void fwht_registers_transform(std::array<xsimd::batch<T, Arch>, R>& v) noexcept
+{
+    static_assert(R >= 2 && std::has_single_bit(R));
+    if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::zip) {
+        fwht_lanes_all<T, Arch>(v, std::make_index_sequence<R / 2>{});
+        fwht_register_network<2, R>(v);  // the zip rounds did register distance 1
+    } else {
+        fwht_lanes_all<T, Arch>(v, std::make_index_sequence<R>{});
+        fwht_register_network<1, R>(v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Passes over memory
+
+template <fwht_scale Kind, class T, class Arch>
+SPINQUANT_FWHT_INLINE xsimd::batch<T, Arch> fwht_load(const T* x, const fwht_multiplier<T>& m, std::size_t i) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    const batch v = batch::load_unaligned(x + i);
+    if constexpr (Kind == fwht_scale::scalar)
+        return v * batch(m.scalar);
+    else if constexpr (Kind == fwht_scale::vector)
+        return v * batch::load_unaligned(m.values + i);
+    else
+        return v;
+}
+
+template <fwht_scale Kind, class T, class Arch>
+SPINQUANT_FWHT_INLINE void fwht_store(T* x, xsimd::batch<T, Arch> v, const fwht_multiplier<T>& m, std::size_t i) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    if constexpr (Kind == fwht_scale::scalar)
+        v *= batch(m.scalar);
+    else if constexpr (Kind == fwht_scale::vector)
+        v *= batch::load_unaligned(m.values + i);
+    v.store_unaligned(x + i);
+}
+
+/// Memory the caller reads soon: `size` elements from `data`. The leaf pass, which is the pass
+/// that streams from memory, prefetches window.data[i] while it works on x[i].
+template <class T>
+struct fwht_window {
+    const T* data = nullptr;
+    std::size_t size = 0;
+
+    /// The window as seen from `offset` elements further on (empty once past its end).
+    [[nodiscard]] fwht_window advanced(std::size_t offset) const noexcept
+    {
+        if (offset >= size) return {};
+        return {data + offset, size - offset};
+    }
+};
+
+/// How far ahead of the data in use the leaf pass prefetches: a few microseconds of work.
+inline constexpr std::size_t fwht_prefetch_bytes = std::size_t{1} << 13;
+
+/// Asks for the cache line holding *p (no effect where unsupported; never faults).
+SPINQUANT_FWHT_INLINE void fwht_prefetch(const void* p) noexcept
+{
+#if defined(__GNUC__)
+    __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+}
+
+/// The leaf pass over x[0..n): every run of R * L consecutive elements is transformed
+/// completely in registers. `in` multiplies on load, `out` on store. n is a multiple of R * L.
+/// `ahead` is prefetched in step (see fwht_window).
+template <class T, class Arch, std::size_t R, fwht_scale In, fwht_scale Out>
+SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
+                    const fwht_window<T>& ahead) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    constexpr std::size_t line = 64 / sizeof(T);
+    for (std::size_t i = 0; i < n; i += R * lanes) {
+        for (std::size_t p = i; p < i + R * lanes && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
+        std::array<xsimd::batch<T, Arch>, R> v;
+        for (std::size_t t = 0; t < R; ++t) v[t] = fwht_load<In, T, Arch>(x, in, i + t * lanes);
+        fwht_registers_transform<T, Arch, R>(v);
+        for (std::size_t t = 0; t < R; ++t) fwht_store<Out, T, Arch>(x, v[t], out, i + t * lanes);
+    }
+}
+
+/// One radix-R pass over x[0..n): butterflies the log2(R) index bits starting at `stride`
+/// (a multiple of L) between registers loaded `stride` elements apart. n is a multiple of R * stride.
+template <class T, class Arch, std::size_t R, fwht_scale Out>
+SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, std::size_t stride, const fwht_multiplier<T>& out) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    for (std::size_t block = 0; block < n; block += R * stride)
+        for (std::size_t j = block; j < block + stride; j += lanes) {
+            std::array<xsimd::batch<T, Arch>, R> v;
+            for (std::size_t t = 0; t < R; ++t) v[t] = xsimd::batch<T, Arch>::load_unaligned(x + j + t * stride);
+            fwht_register_network<1, R>(v);
+            for (std::size_t t = 0; t < R; ++t) fwht_store<Out, T, Arch>(x, v[t], out, j + t * stride);
+        }
+}
+
+/// Runs the radix-2^r pass (1 <= r <= 4), choosing the instantiation at run time.
+template <class T, class Arch, fwht_scale Out>
+void fwht_strided_pass_r(T* x, std::size_t n, std::size_t stride, unsigned r, const fwht_multiplier<T>& out) noexcept
+{
+    switch (r) {
+    case 1: fwht_strided_pass<T, Arch, 2, Out>(x, n, stride, out); break;
+    case 2: fwht_strided_pass<T, Arch, 4, Out>(x, n, stride, out); break;
+    case 3: fwht_strided_pass<T, Arch, 8, Out>(x, n, stride, out); break;
+    default:
+        if constexpr (fwht_max_radix_log2<Arch> >= 4)
+            fwht_strided_pass<T, Arch, 16, Out>(x, n, stride, out);
+        else
+            SPINQUANT_ASSERT(false);
+        break;
+    }
+}
+
+/// Scalar transform for lengths below the leaf size (n a power of two).
+template <class T, fwht_scale In, fwht_scale Out>
+void fwht_scalar(T* x, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out) noexcept
+{
+    if constexpr (In == fwht_scale::scalar)
+        for (std::size_t i = 0; i < n; ++i) x[i] *= in.scalar;
+    else if constexpr (In == fwht_scale::vector)
+        for (std::size_t i = 0; i < n; ++i) x[i] *= in.values[i];
+    for (std::size_t h = 1; h < n; h *= 2)
+        for (std::size_t i = 0; i < n; i += 2 * h)
+            for (std::size_t j = i; j < i + h; ++j) {
+                const T a = x[j];
+                const T b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+    if constexpr (Out == fwht_scale::scalar)
+        for (std::size_t i = 0; i < n; ++i) x[i] *= out.scalar;
+    else if constexpr (Out == fwht_scale::vector)
+        for (std::size_t i = 0; i < n; ++i) x[i] *= out.values[i];
+}
+
+/// The strided passes of one transform: their radices (log2), bottom up.
+struct fwht_pass_plan {
+    std::array<unsigned char, 64> radix{};
+    unsigned count = 0;
+};
+
+/// Bits finished by the leaf pass on Arch.
+template <class T, class Arch>
+inline constexpr unsigned fwht_leaf_bits =
+    static_cast<unsigned>(std::countr_zero(fwht_leaf_registers<Arch> * xsimd::batch<T, Arch>::size));
+
+/// Strided passes whose stride is a multiple of this many bytes put all their streams in one
+/// L1 set; more streams than the L1 has ways (12 on Zen 5, 8 to 12 elsewhere) thrash it.
+inline constexpr std::size_t fwht_alias_bytes = 4096;
+
+/// The most radix bits a pass starting at index bit `first` may take.
+template <class T, class Arch>
+[[nodiscard]] constexpr unsigned fwht_radix_cap(unsigned first) noexcept
+{
+    const bool aliased = (std::size_t{1} << first) * sizeof(T) >= fwht_alias_bytes;
+    return aliased && fwht_max_radix_log2<Arch> > 3 ? 3 : fwht_max_radix_log2<Arch>;
+}
+
+/// Splits the index bits above the leaf into as few strided passes as the radix caps allow,
+/// then evens them out (larger radices at the bottom) where the caps still hold.
+template <class T, class Arch>
+[[nodiscard]] fwht_pass_plan fwht_plan_passes(unsigned bits) noexcept
+{
+    fwht_pass_plan greedy;
+    for (unsigned first = fwht_leaf_bits<T, Arch>; first < bits;) {
+        const unsigned cap = fwht_radix_cap<T, Arch>(first);
+        const unsigned r = bits - first < cap ? bits - first : cap;
+        greedy.radix[greedy.count++] = static_cast<unsigned char>(r);
+        first += r;
+    }
+    fwht_pass_plan even;
+    even.count = greedy.count;
+    const unsigned above = bits - fwht_leaf_bits<T, Arch>;
+    unsigned first = fwht_leaf_bits<T, Arch>;
+    for (unsigned p = 0; p < even.count; ++p) {
+        const unsigned r = (above + even.count - 1 - p) / even.count;
+        if (r > fwht_radix_cap<T, Arch>(first)) return greedy;
+        even.radix[p] = static_cast<unsigned char>(r);
+        first += r;
+    }
+    return even;
+}
+
+/// Index bits below strided pass `level` (the leaf's plus those of passes 0..level-1).
+template <class T, class Arch>
+[[nodiscard]] unsigned fwht_bits_below(const fwht_pass_plan& plan, unsigned level) noexcept
+{
+    unsigned bits = fwht_leaf_bits<T, Arch>;
+    for (unsigned p = 0; p < level; ++p) bits += plan.radix[p];
+    return bits;
+}
+
+/// The transform of x[0..n) for n = 2^(bits below `levels`) >= 2 registers, made of the leaf
+/// pass and strided passes 0..levels-1. Sub-transforms that fit in L1 run pass after pass; larger
+/// ones recurse depth first: the 2^r parts below the top pass, then the top pass.
+template <class T, class Arch, fwht_scale In, fwht_scale Out>
+void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned levels, const fwht_multiplier<T>& in,
+                 const fwht_multiplier<T>& out, const fwht_window<T>& ahead) noexcept
+{
+    constexpr std::size_t leaf = fwht_leaf_registers<Arch>;
+    constexpr std::size_t block = fwht_block_bytes / sizeof(T);
+    if (levels == 0) {
+        // The leaf pass: the whole of x when it is smaller than a leaf.
+        switch (n / xsimd::batch<T, Arch>::size) {
+        case 2: fwht_leaf_pass<T, Arch, 2, In, Out>(x, n, in, out, ahead); break;
+        case 4: fwht_leaf_pass<T, Arch, 4, In, Out>(x, n, in, out, ahead); break;
+        case 8: fwht_leaf_pass<T, Arch, 8, In, Out>(x, n, in, out, ahead); break;
+        default: fwht_leaf_pass<T, Arch, leaf, In, Out>(x, n, in, out, ahead); break;
+        }
+        return;
+    }
+    const unsigned top = levels - 1;
+    const std::size_t stride = std::size_t{1} << fwht_bits_below<T, Arch>(plan, top);
+    if (n <= block) {
+        fwht_passes<T, Arch, In, fwht_scale::none>(x, n, plan, top, in, {}, ahead);
+    } else {
+        const std::size_t parts = std::size_t{1} << plan.radix[top];
+        for (std::size_t t = 0; t < parts; ++t) {
+            fwht_multiplier<T> in_t = in;
+            if constexpr (In == fwht_scale::vector) in_t.values = in.values + t * stride;
+            fwht_passes<T, Arch, In, fwht_scale::none>(x + t * stride, stride, plan, top, in_t, {},
+                                                       ahead.advanced(t * stride));
+        }
+    }
+    fwht_strided_pass_r<T, Arch, Out>(x, n, stride, plan.radix[top], out);
+}
+
+/// x <- diag(out) * H_n * diag(in) * x for n = x.size() a power of two (n >= 1), in place.
+/// A scalar multiplier may be given as `in` only (it commutes); `out` is none or a vector.
+/// No checks (callers validate), no allocation.
+template <class T, class Arch, fwht_scale In, fwht_scale Out>
+void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
+                     const fwht_window<T>& ahead = {}) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    const std::size_t n = x.size();
+    SPINQUANT_ASSERT(std::has_single_bit(n));
+    if (n < 2 * lanes)  // below the smallest leaf (two registers)
+        fwht_scalar<T, In, Out>(x.data(), n, in, out);
+    else if (n <= fwht_leaf_registers<Arch> * lanes)
+        fwht_passes<T, Arch, In, Out>(x.data(), n, {}, 0, in, out, ahead);
+    else {
+        const auto plan = fwht_plan_passes<T, Arch>(static_cast<unsigned>(std::countr_zero(n)));
+        fwht_passes<T, Arch, In, Out>(x.data(), n, plan, plan.count, in, out, ahead);
+    }
+}
+
+/// Same with the multiplier kinds chosen at run time. `ahead`: see fwht_window.
+template <class T, class Arch = xsimd::default_arch>
+void fwht_pow2_scaled(std::span<T> x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
+                      const fwht_window<T>& ahead = {}) noexcept
+{
+    SPINQUANT_ASSERT(out.kind != fwht_scale::scalar);
+    const bool out_vector = out.kind == fwht_scale::vector;
+    switch (in.kind) {
+    case fwht_scale::none:
+        out_vector ? fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::vector>(x, in, out)
+                   : fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::none>(x, in, out, ahead);
+        break;
+    case fwht_scale::scalar:
+        out_vector ? fwht_pow2_fixed<T, Arch, fwht_scale::scalar, fwht_scale::vector>(x, in, out)
+                   : fwht_pow2_fixed<T, Arch, fwht_scale::scalar, fwht_scale::none>(x, in, out, ahead);
+        break;
+    case fwht_scale::vector:
+        out_vector ? fwht_pow2_fixed<T, Arch, fwht_scale::vector, fwht_scale::vector>(x, in, out)
+                   : fwht_pow2_fixed<T, Arch, fwht_scale::vector, fwht_scale::none>(x, in, out, ahead);
+        break;
+    }
+}
+
+/// Unnormalised in-place FWHT, power-of-two length, natural order; no checks (callers validated).
+template <class T, class Arch = xsimd::default_arch>
+void fwht_pow2(std::span<T> x) noexcept
+{
+    fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::none>(x, {}, {});
+}
+
+}  // namespace spinquant::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
