@@ -330,6 +330,51 @@ TEST_CASE("every enabled SIMD architecture gives the same bits as the default on
     }
 }
 
+TEMPLATE_TEST_CASE("values within a few ulps of a rounding tie round exactly as a true division on every architecture",
+                   "[quantizer][simd]", float, double)
+{
+    // The kernels multiply by 1/scale and fall back to a division near half-integers; the
+    // reference divides. Put every element within 0..4 ulps of k + 1/2 steps, both sides.
+    using T = TestType;
+    const std::size_t cols = 200;
+    std::vector<T> x(cols);
+    x[0] = T(-7.3);  // the extremes fix the scale (asymmetric 4-bit: (hi - lo) / 15, inexact)
+    x[1] = T(5.9);
+    const quant_spec spec = quant_spec::activation(4);
+    std::vector<quant_params<T>> p(1);
+    find_params(x, spec, std::span(p));  // only the extremes matter: the rest are zero so far
+    for (std::size_t j = 2; j < cols; ++j) {
+        const T k = static_cast<T>(j % 13) - T(6);
+        T v = (k + T(0.5)) * p[0].scale;
+        const int ulps = static_cast<int>(j % 9U) - 4;
+        for (int u = 0; u < std::abs(ulps); ++u)
+            v = std::nextafter(v, ulps > 0 ? std::numeric_limits<T>::max() : std::numeric_limits<T>::lowest());
+        x[j] = v;
+    }
+    std::vector<quant_params<T>> p2(1);
+    find_params(x, spec, std::span(p2));
+    REQUIRE(p2[0].scale == p[0].scale);
+    REQUIRE(p2[0].zero == p[0].zero);
+    const auto ref = test::ref_fake_quantize(x, 1, cols, spec);
+    std::size_t near_ties = 0;
+    for (std::size_t j = 2; j < cols; ++j) {
+        const T t = x[j] / p[0].scale;
+        near_ties += std::fabs(std::fabs(t - std::trunc(t)) - T(0.5)) < T(1e-4) ? std::size_t{1} : std::size_t{0};
+    }
+    CHECK(near_ties > cols / 2);
+    for_each_arch(xsimd::supported_architectures{}, [&](auto arch) {
+        using A = decltype(arch);
+        INFO("arch " << A::name());
+        auto y = x;
+        fake_quantize<A>(y, spec);
+        const auto q = quantize<A>(as_matrix_view(x.data(), 1, cols), spec);
+        for (std::size_t j = 0; j < cols; ++j) {
+            REQUIRE(y[j] == ref[j]);
+            REQUIRE(q.code(0, j) == static_cast<std::int32_t>(test::ref_code(x[j], {p[0].scale, p[0].zero}, spec, true)));
+        }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // Views, vectors, layouts
 

@@ -430,19 +430,22 @@ template <class T>
     return {fq_kind::asymmetric, T(0), static_cast<T>(s.qmax())};
 }
 
-/// Fake-quantizes unit `in` into `out` (same shape) with parameters p.
+/// Fake-quantizes unit `in` into `out` (same shape) with parameters p; `next` (or null) is the
+/// contiguous unit the caller reads next, to prefetch.
 template <class T, class Arch>
-void fake_quantize_unit(matrix_view<const T> in, matrix_view<T> out, quant_params<T> p, fake_formula<T> f) noexcept
+void fake_quantize_unit(matrix_view<const T> in, matrix_view<T> out, quant_params<T> p, fake_formula<T> f,
+                        const T* next = nullptr) noexcept
 {
     for (std::size_t i = 0; i < in.rows; ++i) {
         const T* a = in.data + i * in.row_stride;
         T* b = out.data + i * out.row_stride;
+        const T* ahead = in.rows == 1 ? next : nullptr;
         if (f.kind == fq_kind::symmetric)
             fake_quantize_run<T, Arch, fq_kind::symmetric>(a, in.col_stride, b, out.col_stride, in.cols, p.scale,
-                                                           p.zero, f.qlo, f.qhi);
+                                                           p.zero, f.qlo, f.qhi, ahead);
         else
             fake_quantize_run<T, Arch, fq_kind::asymmetric>(a, in.col_stride, b, out.col_stride, in.cols, p.scale,
-                                                            p.zero, f.qlo, f.qhi);
+                                                            p.zero, f.qlo, f.qhi, ahead);
     }
 }
 
@@ -460,10 +463,14 @@ void fake_quantize_unchecked(matrix_view<const T> in, matrix_view<T> out, const 
     if (in.empty()) return;
     const fake_formula<T> f = fake_formula_of<T>(s);
     const std::size_t n = param_count(s, in.rows, in.cols);
+    // Row and group units are contiguous runs when rows are: prefetch the next one.
+    const bool runs = (s.granularity == granularity::row || s.granularity == granularity::group) &&
+                      in.has_contiguous_rows();
     for (std::size_t k = 0; k < n; ++k) {
         const matrix_view<const T> u = unit_view(in, s, k);
+        const T* next = runs && k + 1 < n ? unit_view(in, s, k + 1).data : nullptr;
         // The unit's parameters are computed from all its elements before any is written.
-        fake_quantize_unit<T, Arch>(u, unit_view(out, s, k), unit_params<T, Arch>(u, s), f);
+        fake_quantize_unit<T, Arch>(u, unit_view(out, s, k), unit_params<T, Arch>(u, s), f, next);
     }
 }
 
@@ -523,6 +530,8 @@ void encode_row(matrix_view<const T> v, std::size_t i, quantized_matrix<T>& q) n
     const T qhi = static_cast<T>(s.qmax());
     std::uint8_t* dst = q.codes.data() + i * q.row_bytes;
     const T* src = v.data + i * v.row_stride;
+    // While this row is coded (from cache: its parameters were just computed), fetch the next one.
+    const T* next_row = v.has_contiguous_rows() && i + 1 < v.rows ? src + v.row_stride : nullptr;
     T buf[quant_chunk];
     for_each_segment(q, i, [&](std::size_t c0, std::size_t len, std::size_t u) {
         const T sc = q.scales[u];
@@ -530,10 +539,11 @@ void encode_row(matrix_view<const T> v, std::size_t i, quantized_matrix<T>& q) n
         for (std::size_t off = 0; off < len; off += quant_chunk) {
             const std::size_t n = len - off < quant_chunk ? len - off : quant_chunk;
             const T* a = src + (c0 + off) * v.col_stride;
+            const T* ahead = next_row != nullptr ? next_row + c0 + off : nullptr;
             if (s.symmetric)
-                code_run<T, Arch, fq_kind::symmetric>(a, v.col_stride, buf, n, sc, z, qlo, qhi);
+                code_run<T, Arch, fq_kind::symmetric>(a, v.col_stride, buf, n, sc, z, qlo, qhi, ahead);
             else
-                code_run<T, Arch, fq_kind::asymmetric>(a, v.col_stride, buf, n, sc, z, qlo, qhi);
+                code_run<T, Arch, fq_kind::asymmetric>(a, v.col_stride, buf, n, sc, z, qlo, qhi, ahead);
             pack_codes<T, Arch>(buf, n, c0 + off, s.bits, dst);
         }
     });
@@ -600,6 +610,20 @@ void find_params(const M& m, const quant_spec& spec, std::span<quant_params<deta
     detail::check_spec_for(spec, v.cols, "find_params", "m");
     detail::require_size(out.size(), param_count(spec, v.rows, v.cols), "find_params", "out");
     if (spec.check_finite) detail::require_finite_view<T, Arch>(v, "find_params", "m");
+    detail::find_params_unchecked<T, Arch>(v, spec, out);
+}
+
+/// find_params for one vector seen as a 1 x n matrix (one token: granularity::row gives one
+/// parameter, granularity::group one per group). Same errors. Allocation-free.
+template <class Arch = xsimd::default_arch, real_vector V>
+void find_params(const V& x, const quant_spec& spec, std::span<quant_params<std::remove_const_t<element_t<const V>>>> out)
+{
+    const auto s = spinquant::as_span(x);
+    using T = std::remove_const_t<typename decltype(s)::element_type>;
+    const matrix_view<const T> v = detail::row_view(std::span<const T>(s.data(), s.size()));
+    detail::check_spec_for(spec, v.cols, "find_params", "x");
+    detail::require_size(out.size(), param_count(spec, 1, v.cols), "find_params", "out");
+    if (spec.check_finite) detail::require_finite_view<T, Arch>(v, "find_params", "x");
     detail::find_params_unchecked<T, Arch>(v, spec, out);
 }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include <xsimd/xsimd.hpp>
@@ -83,14 +84,49 @@ template <class T, class Arch, fq_kind K>
     if constexpr (K == fq_kind::asymmetric) t = t + z;
     return clamp_code<T, Arch>(t, qlo, qhi);
 }
-template <class T, class Arch, fq_kind K>
-[[nodiscard]] inline xsimd::batch<T, Arch> code_of(const xsimd::batch<T, Arch>& x, const xsimd::batch<T, Arch>& s,
-                                                   const xsimd::batch<T, Arch>& z, const xsimd::batch<T, Arch>& qlo,
-                                                   const xsimd::batch<T, Arch>& qhi) noexcept
+
+/// round(x / s) for batches, equal bit for bit to rounding the true quotient (what the reference
+/// computes), at the cost of a multiply in almost every case. t = x * (1/s) is within 3 half-ulps
+/// of fl(x / s) (two roundings against one), so both round to the same integer unless t lies
+/// that close to a half-integer. Only |t| <= bound matters (beyond it the code is clamped either
+/// way), so one tolerance serves the whole run: a batch with |t - round(t)| >= 1/2 - tolerance,
+/// or with NaN/Inf (the comparison is false), takes the division. So does every batch when 1/s
+/// is not a normal number (it would have lost precision). A division costs several multiplies.
+template <class T, class Arch>
+class quotient_rounder {
+public:
+    using batch = xsimd::batch<T, Arch>;
+    quotient_rounder(T s, T bound) noexcept
+        : s_(s), inv_(T(1) / s), limit_(T(0.5) - T(4) * std::numeric_limits<T>::epsilon() * (bound + T(2)))
+    {
+        const T inv = T(1) / s;
+        const T lim = T(0.5) - T(4) * std::numeric_limits<T>::epsilon() * (bound + T(2));
+        fast_ = inv >= std::numeric_limits<T>::min() && inv <= std::numeric_limits<T>::max() && lim > T(0.25);
+    }
+    [[nodiscard]] batch operator()(const batch& x) const noexcept
+    {
+        if (fast_) {
+            const batch t = x * inv_;
+            const batch r = xsimd::nearbyint(t);
+            if (xsimd::all(xsimd::abs(t - r) < limit_)) return r;
+        }
+        return xsimd::nearbyint(x / s_);
+    }
+
+private:
+    batch s_;
+    batch inv_;
+    batch limit_;
+    bool fast_ = false;
+};
+
+/// The largest |round(x / s)| that can survive the clamp to [qlo - z, qhi - z].
+template <class T, class Arch>
+[[nodiscard]] inline T code_bound(T z, T qlo, T qhi) noexcept
 {
-    auto t = xsimd::nearbyint(x / s);
-    if constexpr (K == fq_kind::asymmetric) t = t + z;
-    return clamp_code<T, Arch>(t, qlo, qhi);
+    const T a = std::fabs(qlo - z);
+    const T b = std::fabs(qhi - z);
+    return a < b ? b : a;
 }
 
 /// The dequantized value of a code (as T): s * (q - z), or s * q when symmetric. The scalar form
@@ -122,21 +158,28 @@ template <class T, class Arch>
     T lo = x[0];
     T hi = x[0];
     std::size_t i = 0;
-    if (stride == 1 && n >= 2 * N) {
-        // Two accumulators per bound hide the latency of min/max.
+    if (stride == 1 && n >= 4 * N) {
+        // Four accumulators per bound hide the latency of min/max.
         B lo0 = B::load_unaligned(x), hi0 = lo0;
         B lo1 = B::load_unaligned(x + N), hi1 = lo1;
-        for (i = 2 * N; i + 2 * N <= n; i += 2 * N) {
+        B lo2 = B::load_unaligned(x + 2 * N), hi2 = lo2;
+        B lo3 = B::load_unaligned(x + 3 * N), hi3 = lo3;
+        for (i = 4 * N; i + 4 * N <= n; i += 4 * N) {
             const B a = B::load_unaligned(x + i), b = B::load_unaligned(x + i + N);
+            const B c = B::load_unaligned(x + i + 2 * N), d = B::load_unaligned(x + i + 3 * N);
             lo0 = xsimd::min(lo0, a);
             hi0 = xsimd::max(hi0, a);
             lo1 = xsimd::min(lo1, b);
             hi1 = xsimd::max(hi1, b);
+            lo2 = xsimd::min(lo2, c);
+            hi2 = xsimd::max(hi2, c);
+            lo3 = xsimd::min(lo3, d);
+            hi3 = xsimd::max(hi3, d);
         }
         alignas(B::arch_type::alignment()) T l[N];
         alignas(B::arch_type::alignment()) T h[N];
-        xsimd::min(lo0, lo1).store_aligned(l);
-        xsimd::max(hi0, hi1).store_aligned(h);
+        xsimd::min(xsimd::min(lo0, lo1), xsimd::min(lo2, lo3)).store_aligned(l);
+        xsimd::max(xsimd::max(hi0, hi1), xsimd::max(hi2, hi3)).store_aligned(h);
         for (std::size_t k = 0; k < N; ++k) {
             lo = l[k] < lo ? l[k] : lo;
             hi = h[k] > hi ? h[k] : hi;
@@ -161,12 +204,17 @@ template <class T, class Arch>
     std::size_t i = 0;
     T acc = T(0);
     if (stride == 1 && n >= N) {
-        B a(T(0));
+        B a(T(0)), b(T(0));
+        for (; i + 2 * N <= n; i += 2 * N) {
+            const B u = B::load_unaligned(x + i), v = B::load_unaligned(x + i + N);
+            a += u - u;  // stays 0 while finite; NaN sticks
+            b += v - v;
+        }
         for (; i + N <= n; i += N) {
             const B v = B::load_unaligned(x + i);
-            a += v - v;  // stays 0 while finite; NaN sticks
+            a += v - v;
         }
-        acc = xsimd::hadd(a);
+        acc = xsimd::hadd(a + b);
     }
     for (; i < n; ++i) {
         const T v = x[i * stride];
@@ -175,19 +223,45 @@ template <class T, class Arch>
     return acc == acc;
 }
 
+/// Hints the cache to fetch the line holding p (never faults, so p may point anywhere).
+template <class Arch>
+inline void prefetch_line(const void* p) noexcept
+{
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 3);
+#else
+    (void)p;
+#endif
+}
+
 /// out[k] = fake quantization of in[k] with one (s, z) over n elements. `out` may equal `in`.
+/// `next`, when not null, is the start of the contiguous run the caller processes next: one of
+/// its cache lines is prefetched per batch, so its first read overlaps this run's arithmetic.
 template <class T, class Arch, fq_kind K>
 void fake_quantize_run(const T* in, std::size_t in_stride, T* out, std::size_t out_stride, std::size_t n, T s, T z,
-                       T qlo, T qhi) noexcept
+                       T qlo, T qhi, const T* next = nullptr) noexcept
 {
     using B = xsimd::batch<T, Arch>;
     constexpr std::size_t N = B::size;
     std::size_t i = 0;
-    if (in_stride == 1 && out_stride == 1 && n >= N) {
-        const B bs(s), bz(z), blo(qlo), bhi(qhi);
-        for (; i + N <= n; i += N) {
-            const B q = code_of<T, Arch, K>(B::load_unaligned(in + i), bs, bz, blo, bhi);
-            value_of<T, Arch, K>(q, bs, bz).store_unaligned(out + i);
+    // Clamping r = round(x / s) to [qlo - z, qhi - z] and returning s * r equals s * (clamp(r + z,
+    // qlo, qhi) - z) while every integer involved is exact in T; + 0 turns the -0 of a rounded
+    // small negative into the +0 that q - z gives. min/max keep r at an equal bound, and the
+    // symmetric bounds are never 0, so the reference's signed zeros are kept too.
+    const bool exact_ints = std::fabs(z) <= T(1) / (T(8) * std::numeric_limits<T>::epsilon());
+    if (in_stride == 1 && out_stride == 1 && n >= N && (K == fq_kind::symmetric || exact_ints)) {
+        const T lo = K == fq_kind::asymmetric ? qlo - z : qlo;
+        const T hi = K == fq_kind::asymmetric ? qhi - z : qhi;
+        const quotient_rounder<T, Arch> round_div(s, code_bound<T, Arch>(T(0), lo, hi));
+        const B bs(s), blo(lo), bhi(hi), zero(T(0));
+        // One prefetch per 64 bytes of this run covers the same length of the next one.
+        const std::size_t every = N * sizeof(T) >= 64 ? 1 : 64 / (N * sizeof(T));
+        std::size_t b = 0;
+        for (; i + N <= n; i += N, ++b) {
+            if (next != nullptr && b % every == 0) prefetch_line<Arch>(next + i);
+            B r = xsimd::min(xsimd::max(blo, round_div(B::load_unaligned(in + i))), bhi);
+            if constexpr (K == fq_kind::asymmetric) r = r + zero;
+            (bs * r).store_unaligned(out + i);
         }
     }
     for (; i < n; ++i) {
@@ -196,17 +270,26 @@ void fake_quantize_run(const T* in, std::size_t in_stride, T* out, std::size_t o
     }
 }
 
-/// codes[k] = integer code of in[k] (as T) with one (s, z); codes is contiguous.
+/// codes[k] = integer code of in[k] (as T) with one (s, z); codes is contiguous. `next` as for
+/// fake_quantize_run.
 template <class T, class Arch, fq_kind K>
-void code_run(const T* in, std::size_t in_stride, T* codes, std::size_t n, T s, T z, T qlo, T qhi) noexcept
+void code_run(const T* in, std::size_t in_stride, T* codes, std::size_t n, T s, T z, T qlo, T qhi,
+              const T* next = nullptr) noexcept
 {
     using B = xsimd::batch<T, Arch>;
     constexpr std::size_t N = B::size;
     std::size_t i = 0;
     if (in_stride == 1 && n >= N) {
-        const B bs(s), bz(z), blo(qlo), bhi(qhi);
-        for (; i + N <= n; i += N)
-            code_of<T, Arch, K>(B::load_unaligned(in + i), bs, bz, blo, bhi).store_unaligned(codes + i);
+        const quotient_rounder<T, Arch> round_div(s, code_bound<T, Arch>(K == fq_kind::asymmetric ? z : T(0), qlo, qhi));
+        const B bz(z), blo(qlo), bhi(qhi);
+        const std::size_t every = N * sizeof(T) >= 64 ? 1 : 64 / (N * sizeof(T));
+        std::size_t b = 0;
+        for (; i + N <= n; i += N, ++b) {
+            if (next != nullptr && b % every == 0) prefetch_line<Arch>(next + i);
+            B t = round_div(B::load_unaligned(in + i));
+            if constexpr (K == fq_kind::asymmetric) t = t + bz;
+            clamp_code<T, Arch>(t, blo, bhi).store_unaligned(codes + i);
+        }
     }
     for (; i < n; ++i) codes[i] = code_of<T, Arch, K>(in[i * in_stride], s, z, qlo, qhi);
 }
@@ -270,18 +353,26 @@ template <class T, class Arch, fq_kind K>
 /// 4-bit row writes its whole byte (high nibble 0), the odd column after it ORs its nibble in.
 /// bits <= 4: two codes per byte, low nibble first; <= 8: one byte; <= 16: two bytes, little
 /// endian. Negative (symmetric) codes are stored in two's complement of that width.
+/// (__restrict: a byte store may alias anything, which would otherwise stop vectorisation.)
 template <class T, class Arch>
-void pack_codes(const T* codes, std::size_t n, std::size_t c0, int bits, std::uint8_t* row) noexcept
+void pack_codes(const T* __restrict codes, std::size_t n, std::size_t c0, int bits, std::uint8_t* __restrict row) noexcept
 {
     if (bits <= 4) {
-        for (std::size_t k = 0; k < n; ++k) {
-            const std::size_t c = c0 + k;
-            const auto nib = static_cast<std::uint8_t>(static_cast<std::int32_t>(codes[k]) & 0xF);
-            if ((c & 1U) == 0)
-                row[c / 2] = nib;
-            else
-                row[c / 2] = static_cast<std::uint8_t>(row[c / 2] | (nib << 4));
+        const auto nib = [&](std::size_t k) { return static_cast<std::uint32_t>(static_cast<std::int32_t>(codes[k])) & 0xFU; };
+        std::size_t k = 0;
+        if ((c0 & 1U) != 0 && n > 0) {  // an odd start completes the byte its even partner began
+            row[c0 / 2] = static_cast<std::uint8_t>(row[c0 / 2] | (nib(0) << 4));
+            k = 1;
         }
+        std::uint8_t* __restrict dst = row + (c0 + k) / 2;
+        const T* __restrict src = codes + k;
+        const std::size_t pairs = (n - k) / 2;
+        for (std::size_t p = 0; p < pairs; ++p) {  // written for the auto-vectoriser
+            const auto lo = static_cast<std::int32_t>(src[2 * p]) & 0xF;
+            const auto hi = static_cast<std::int32_t>(src[2 * p + 1]) & 0xF;
+            dst[p] = static_cast<std::uint8_t>(lo | (hi << 4));
+        }
+        if (k + 2 * pairs < n) dst[pairs] = static_cast<std::uint8_t>(nib(k + 2 * pairs));
     } else if (bits <= 8) {
         for (std::size_t k = 0; k < n; ++k)
             row[c0 + k] = static_cast<std::uint8_t>(static_cast<std::int32_t>(codes[k]) & 0xFF);
