@@ -170,8 +170,6 @@ inline void run_hook(const activation_hook& hook, std::size_t layer, rows& x)
     if (hook) hook(layer, spinquant::as_matrix_view(x));
 }
 
-[[nodiscard]] inline float silu(float x) noexcept { return x / (1.0f + std::exp(-x)); }
-
 }  // namespace detail
 
 /// Checks what forward()/forward_layer() need before anything is written: every token id below
@@ -265,21 +263,14 @@ inline void forward_layer(const model& m, std::size_t l, rows& x, std::size_t po
         const auto qh = static_cast<Eigen::Index>(h * hs);
         const auto kh = static_cast<Eigen::Index>((h / c.kv_group()) * hs);
         ws.scores.noalias() = ws.q.middleCols(qh, ehs) * kc.topRows(S).middleCols(kh, ehs).transpose();
+        ws.scores *= scale;
         for (Eigen::Index t = 0; t < T; ++t) {
-            float* r = ws.scores.row(t).data();
             const Eigen::Index visible = static_cast<Eigen::Index>(pos0) + t + 1;  // causal mask
-            float mx = r[0] * scale;
-            for (Eigen::Index s = 0; s < visible; ++s) {
-                r[s] *= scale;
-                mx = std::max(mx, r[s]);
-            }
-            float sum = 0.0f;
-            for (Eigen::Index s = 0; s < visible; ++s) {
-                r[s] = std::exp(r[s] - mx);
-                sum += r[s];
-            }
-            for (Eigen::Index s = 0; s < visible; ++s) r[s] /= sum;
-            for (Eigen::Index s = visible; s < S; ++s) r[s] = 0.0f;
+            auto r = ws.scores.row(t);
+            auto seen = r.head(visible).array();
+            seen = (seen - seen.maxCoeff()).exp();  // Eigen's vectorised exp: within an ulp or two of expf
+            seen /= seen.sum();
+            r.tail(S - visible).setZero();
         }
         ws.o.middleCols(qh, ehs).noalias() = ws.scores * vc.topRows(S).middleCols(kh, ehs);
         if (trace) trace->probs[h] = ws.scores;
@@ -304,8 +295,8 @@ inline void forward_layer(const model& m, std::size_t l, rows& x, std::size_t po
         trace->gate = ws.gate;
         trace->up = ws.up;
     }
-    for (Eigen::Index t = 0; t < T; ++t)
-        for (Eigen::Index j = 0; j < ws.gate.cols(); ++j) ws.gate(t, j) = detail::silu(ws.gate(t, j)) * ws.up(t, j);
+    // silu(g) * u = g / (1 + exp(-g)) * u, vectorised over the whole block.
+    ws.gate.array() = ws.gate.array() / ((-ws.gate.array()).exp() + 1.0f) * ws.up.array();
     if (trace) trace->down_in_raw = ws.gate;
     detail::run_hook(hooks.down_input, l, ws.gate);
     if (trace) trace->down_in = ws.gate;
