@@ -18,6 +18,7 @@
 #include "eval.hpp"
 #include "generate.hpp"
 #include "model.hpp"
+#include "quant.hpp"
 #include "tokenizer.hpp"
 
 namespace {
@@ -36,6 +37,7 @@ Options:
   --split BYTES         byte offset where the calibration part starts (default: 537401)
   --eval-tokens N       predictions to evaluate (default: 8192)
   --window N            predictions per window; windows do not overlap (default: 256)
+  --calib-tokens N      calibration predictions (default: 8192), from the calibration part
   --eval-seed S         seed of the sampled evaluation text (default: 1)
   --calib-seed S        seed of the sampled calibration text (default: 2)
   --csv PATH            write the rows as CSV (method,bits,weights,seed,ppl,kl,top1)
@@ -52,6 +54,7 @@ struct options {
     std::size_t split = 537401;
     std::size_t eval_tokens = 8192;
     std::size_t window = 256;
+    std::size_t calib_tokens = 8192;
     std::uint64_t eval_seed = 1;
     std::uint64_t calib_seed = 2;
     std::optional<std::filesystem::path> csv, json;
@@ -105,6 +108,8 @@ options parse(int argc, char** argv)
             o.eval_tokens = parse_number(a, value());
         } else if (a == "--window") {
             o.window = parse_number(a, value());
+        } else if (a == "--calib-tokens") {
+            o.calib_tokens = parse_number(a, value());
         } else if (a == "--eval-seed") {
             o.eval_seed = parse_number(a, value());
         } else if (a == "--calib-seed") {
@@ -119,7 +124,8 @@ options parse(int argc, char** argv)
             bad_usage("unknown option '" + a + "'");
         }
     }
-    if (o.window == 0 || o.eval_tokens < o.window) bad_usage("--eval-tokens must be at least --window, which must be > 0");
+    if (o.window == 0 || o.eval_tokens < o.window || o.calib_tokens < o.window)
+        bad_usage("--eval-tokens and --calib-tokens must be at least --window, which must be > 0");
     return o;
 }
 
@@ -161,7 +167,7 @@ int run(const options& o)
         const auto shared = std::filesystem::path(LLAMA_SHARED_DIR) / "data" / "tinystories_valid_head.txt";
         if (std::filesystem::exists(shared)) text_path = shared;
     }
-    llama::eval_set eval;
+    llama::eval_set eval, calib;
     llama::eval_protocol protocol;
     protocol.window = o.window;
     if (text_path && !o.no_text) {
@@ -173,25 +179,40 @@ int run(const options& o)
                   << " tokens (blocks 0.." << split.first_calibration_block - 1 << "), calibration part "
                   << split.calibration.size() << " tokens\n";
         eval = llama::make_windows(split.evaluation, o.window, o.eval_tokens);
+        calib = llama::make_windows(split.calibration, o.window, o.calib_tokens);
         protocol.text = text_path->filename().string() + ", evaluation part (bytes 0.." + std::to_string(o.split) +
                         "), first " + std::to_string(eval.predictions()) + " predictions";
     } else {
         const std::size_t count = o.eval_tokens / o.window;
         eval = llama::sample_sequences(fp, count, o.window, o.eval_seed);
+        calib = llama::sample_sequences(fp, o.calib_tokens / o.window, o.window, o.calib_seed);
         std::cout << "text: no text file; evaluating on " << count << " sequences of BOS + " << o.window
-                  << " tokens sampled from the full-precision model (seed " << o.eval_seed << ")\n";
+                  << " tokens sampled from the full-precision model (seed " << o.eval_seed
+                  << "), calibration text sampled with seed " << o.calib_seed << "\n";
         protocol.text = "sampled from the full-precision model at temperature 1, seed " + std::to_string(o.eval_seed);
     }
     protocol.sequences = eval.sequences.size();
     protocol.predictions = eval.predictions();
     std::cout << "evaluation: " << protocol.sequences << " windows of " << o.window << " predictions ("
-              << protocol.predictions << " in all)\n\n";
+              << protocol.predictions << " in all); calibration: " << calib.sequences.size() << " windows ("
+              << calib.predictions() << " predictions, never from the evaluation part)\n\n";
 
     const auto t_ref = std::chrono::steady_clock::now();
     const llama::reference ref = llama::make_reference(fp, eval);
+    const double fp_seconds = seconds_since(t_ref);
     std::vector<llama::result_row> rows;
     rows.push_back({"FP", "FP", "FP", std::nullopt, ref.fp});
-    const double fp_seconds = seconds_since(t_ref);
+
+    // RTN: no rotation, weights rounded to nearest once (W4 for every row), the reference's
+    // quantizer placement for activations and the KV cache.
+    llama::model rtn = fp;
+    llama::quantize_weights_rtn(rtn, llama::quant_config::bits(4, 16, 16));
+    for (const auto& q : {llama::quant_config::bits(4, 16, 16), llama::quant_config::bits(4, 8, 8),
+                          llama::quant_config::bits(4, 4, 4)}) {
+        rows.push_back({"RTN", q.label(), "RTN", std::nullopt, llama::evaluate(rtn, llama::make_quant_hooks(c, q), eval, ref)});
+        std::cout << "  " << rows.back().method << " " << rows.back().bits << " done (" << seconds_since(t0) << " s)"
+                  << std::endl;
+    }
 
     llama::write_table(std::cout, llama::summarize(rows));
     std::cout << "\nfull-precision pass: " << fp_seconds << " s (" << static_cast<double>(protocol.predictions) / fp_seconds

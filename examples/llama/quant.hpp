@@ -1,0 +1,169 @@
+#pragma once
+/// The quantized forward pass of the llama example, with the reference's placement
+/// (REFERENCE.md §1a/§1c): activations fake-quantized per token at every linear input (o_proj's
+/// input per head), the K cache after RoPE and the online R3, the V cache per head, weights by
+/// RTN (or GPTQ, elsewhere), lm_head and the embedding in full precision, and the online
+/// Hadamards R3 (queries and keys over head_dim) and R4 (down_proj input over hidden_dim)
+/// through spinquant::hadamard_plan. Everything is built from the library's quantizer and
+/// Hadamard plan; nothing here re-implements either.
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include <spinquant/error.hpp>
+#include <spinquant/hadamard.hpp>
+#include <spinquant/quantizer.hpp>
+
+#include "eval.hpp"
+#include "forward.hpp"
+#include "model.hpp"
+
+namespace llama {
+
+/// What one evaluated configuration quantizes, and how. 16 bits means "not quantized", as in
+/// the reference's scripts (its ActQuantizer treats 16 bits as off). Defaults follow SpinQuant's
+/// scripts: asymmetric activations and KV cache, symmetric per-channel weights with the MSE clip
+/// search (--w_clip), clip ratios 1.0, K and V quantized per head.
+struct quant_config {
+    int w_bits = 16;            ///< weights of q/k/v/o/gate/up/down_proj
+    int a_bits = 16;            ///< activations at every linear input except lm_head
+    int k_bits = 16;            ///< K cache (after RoPE and R3)
+    int v_bits = 16;            ///< V cache
+    bool w_symmetric = true;
+    bool w_clip = true;         ///< MSE clip search for weights (the reference's --w_clip)
+    bool a_symmetric = false;
+    bool kv_symmetric = false;
+    double a_clip = 1.0;        ///< activation clip ratio, (0, 1]
+    double k_clip = 1.0;
+    double v_clip = 1.0;
+    bool online_r3 = false;     ///< Hadamard over head_dim on queries and keys after RoPE
+    bool online_r4 = false;     ///< Hadamard over hidden_dim on down_proj's input (merge_r4 into w2 too)
+
+    /// W<w>A<a>KV<k> (the K bits stand for the KV cache; the example always sets k = v).
+    [[nodiscard]] std::string label() const { return bits_label(static_cast<unsigned>(w_bits), static_cast<unsigned>(a_bits), static_cast<unsigned>(k_bits)); }
+    /// The reference's settings at W<w>A<a>KV<kv>.
+    [[nodiscard]] static quant_config bits(int w, int a, int kv)
+    {
+        quant_config c;
+        c.w_bits = w;
+        c.a_bits = a;
+        c.k_bits = kv;
+        c.v_bits = kv;
+        return c;
+    }
+};
+
+/// The online Hadamard transforms of a model: R3 over head_dim and R4 over hidden_dim, built
+/// with the reference's matrices (hadamard_source::reference: hidden 172 uses SpinQuant's had172).
+struct online_rotations {
+    spinquant::hadamard_plan<float> r3;
+    spinquant::hadamard_plan<float> r4;
+
+    explicit online_rotations(const model_config& c)
+        : r3(c.head_size(), reference_options()), r4(c.hidden_dim, reference_options())
+    {
+    }
+
+private:
+    [[nodiscard]] static spinquant::hadamard_options reference_options()
+    {
+        spinquant::hadamard_options o;
+        o.source = spinquant::hadamard_source::reference;
+        return o;
+    }
+};
+
+namespace detail {
+
+/// A [T, n_heads * head_size] row-major activation seen as [T * n_heads, head_size]: one row per
+/// head of each token, so a head_size plan's apply_rows transforms every head.
+[[nodiscard]] inline spinquant::matrix_view<float> per_head_rows(spinquant::matrix_view<float> x, std::size_t head_size)
+{
+    SPINQUANT_ASSERT(x.is_contiguous() && x.cols % head_size == 0);
+    return {x.data, x.rows * (x.cols / head_size), head_size, head_size, 1};
+}
+
+[[nodiscard]] inline activation_hook quantize_hook(const spinquant::quant_spec& spec)
+{
+    return [spec](std::size_t, spinquant::matrix_view<float> x) { spinquant::fake_quantize(x, spec); };
+}
+
+inline void check_bits(int bits, const char* what, const char* where)
+{
+    if (bits < 2 || bits > 16)
+        spinquant::detail::fail(spinquant::errc::bits_out_of_range, where,
+                                std::string(what) + " = " + std::to_string(bits) + ", expected 2..16 (16 = off)");
+}
+
+}  // namespace detail
+
+/// The activation hooks of `q` for a model of shape `c`: the reference's ActQuantizer at each
+/// linear input (per token; o_proj's input per head), R3 then the K quantizer (per head) on
+/// keys, R3 on queries, the V quantizer (per head) on values, R4 then the quantizer on
+/// down_proj's input. `rot` is required when q.online_r3 or q.online_r4 and must outlive the
+/// hooks. Errors (errc::bits_out_of_range, errc::bad_argument from the quantizer's spec check,
+/// errc::bad_argument when a rotation is asked for without `rot`) are reported here, not when
+/// the hooks run.
+[[nodiscard]] inline activation_hooks make_quant_hooks(const model_config& c, const quant_config& q,
+                                                       const online_rotations* rot = nullptr)
+{
+    using spinquant::quant_spec;
+    detail::check_bits(q.a_bits, "a_bits", "llama::make_quant_hooks");
+    detail::check_bits(q.k_bits, "k_bits", "llama::make_quant_hooks");
+    detail::check_bits(q.v_bits, "v_bits", "llama::make_quant_hooks");
+    if ((q.online_r3 || q.online_r4) && rot == nullptr)
+        spinquant::detail::fail(spinquant::errc::bad_argument, "llama::make_quant_hooks",
+                                "online_r3/online_r4 are set but no online_rotations were given");
+    const std::size_t hs = c.head_size();
+    const quant_spec a_token = quant_spec::activation(q.a_bits, q.a_symmetric, 0, q.a_clip);
+    const quant_spec a_head = quant_spec::activation(q.a_bits, q.a_symmetric, hs, q.a_clip);
+    const quant_spec k_head = quant_spec::activation(q.k_bits, q.kv_symmetric, hs, q.k_clip);
+    const quant_spec v_head = quant_spec::activation(q.v_bits, q.kv_symmetric, hs, q.v_clip);
+    for (const auto* s : {&a_token, &a_head, &k_head, &v_head}) s->validate();
+
+    activation_hooks h;
+    const bool qa = q.a_bits < 16, qk = q.k_bits < 16, qv = q.v_bits < 16;
+    if (qa) {
+        h.attn_input = detail::quantize_hook(a_token);
+        h.o_input = detail::quantize_hook(a_head);
+        h.ffn_input = detail::quantize_hook(a_token);
+    }
+    if (q.online_r3) {
+        const auto* r3 = &rot->r3;
+        h.query = [r3, hs](std::size_t, spinquant::matrix_view<float> x) { r3->apply_rows(detail::per_head_rows(x, hs)); };
+    }
+    if (q.online_r3 || qk)
+        h.key = [r3 = q.online_r3 ? &rot->r3 : nullptr, hs, qk, k_head](std::size_t, spinquant::matrix_view<float> x) {
+            if (r3) r3->apply_rows(detail::per_head_rows(x, hs));
+            if (qk) spinquant::fake_quantize(x, k_head);
+        };
+    if (qv) h.value = detail::quantize_hook(v_head);
+    if (q.online_r4 || qa)
+        h.down_input = [r4 = q.online_r4 ? &rot->r4 : nullptr, qa, a_token](std::size_t, spinquant::matrix_view<float> x) {
+            if (r4) r4->apply_rows(x);
+            if (qa) spinquant::fake_quantize(x, a_token);
+        };
+    return h;
+}
+
+/// Merges R4's offline half into every down_proj (w2 <- w2 M^T, M the online transform), so that
+/// w2' (M x) = w2 x: the model stays the same function when make_quant_hooks applies M online.
+/// Must run before the weights are quantized.
+inline void merge_r4(model& m, const online_rotations& rot)
+{
+    for (auto& lw : m.layers) rot.r4.apply_rows(lw.w2.view());
+}
+
+/// RTN: fake-quantizes the weights of every linear layer except lm_head (and the embedding) with
+/// the reference's WeightQuantizer (per output channel, q.w_symmetric, MSE clip search when
+/// q.w_clip). No-op at 16 bits. Errors: errc::bits_out_of_range for w_bits outside 2..16.
+inline void quantize_weights_rtn(model& m, const quant_config& q)
+{
+    detail::check_bits(q.w_bits, "w_bits", "llama::quantize_weights_rtn");
+    if (q.w_bits >= 16) return;
+    const auto spec = spinquant::quant_spec::weight(q.w_bits, q.w_symmetric, 0, q.w_clip);
+    for (auto& lw : m.layers)
+        for (matrix* w : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3}) spinquant::fake_quantize(w->view(), spec);
+}
+
+}  // namespace llama
