@@ -23,6 +23,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include <Eigen/Core>
 #include <Eigen/QR>
@@ -33,6 +34,7 @@
 #include "detail/rotation_fuse.hpp"
 #include "eigen.hpp"
 #include "error.hpp"
+#include "hadamard.hpp"
 
 namespace spinquant {
 
@@ -76,6 +78,35 @@ template <real_scalar T, std::uniform_random_bit_generator G>
     for (Eigen::Index j = 0; j < m; ++j)
         if (qr.matrixQR()(j, j) < 0) q.col(j) = -q.col(j);
     return q.cast<T>();
+}
+
+/// A random Hadamard rotation of order n: diag(s)·Mᵀ with M the orthonormal Hadamard matrix of
+/// hadamard_plan<T>(n, options) (H_K ⊗ H_m / d) and s independent random signs drawn from `rng`
+/// (detail::random_sign, one per row in order, so the same engine state gives the same matrix on
+/// every platform). This is SpinQuant's `random_hadamard_matrix` (its default R1/R2
+/// initialisation, QuaRot's R1): with options.source = hadamard_source::reference and
+/// options.normaliser = hadamard_normaliser::reference and the same signs it equals the
+/// reference's matrix, whose float32 √n makes it orthogonal only to ~1e-7 for non-square-number n;
+/// the default options give an orthogonal matrix to rounding. Rows are tokens' coordinates as for
+/// every rotation here: x ↦ x·R.
+///
+/// Throws errc::unsupported_size (naming the nearest supported sizes) when no Hadamard matrix of
+/// order n is known for options.source, errc::bad_argument if options.random_signs is set (the
+/// signs come from `rng`). Allocates; O(n²).
+template <real_scalar T, std::uniform_random_bit_generator G>
+[[nodiscard]] rotation_matrix<T> random_hadamard(std::size_t n, G& rng, const hadamard_options& options = {})
+{
+    if (options.random_signs)
+        detail::fail(errc::bad_argument, "random_hadamard", "options.random_signs is set, but the signs come from rng");
+    if (!has_hadamard(n, options.source))
+        detail::fail(errc::unsupported_size, "random_hadamard",
+                     "no Hadamard matrix of order " + std::to_string(n) + " is known" +
+                         detail::hadamard_nearest_sizes(n, options.source));
+    std::vector<T> signs(n);
+    for (T& v : signs) v = static_cast<T>(detail::random_sign(rng));
+    const std::vector<T> m = hadamard_plan<T>(n, signs, options).matrix();  // M·diag(s)
+    // (M·diag(s))ᵀ = diag(s)·Mᵀ.
+    return Eigen::Map<const rotation_matrix<T>>(m.data(), static_cast<Eigen::Index>(n), static_cast<Eigen::Index>(n)).transpose();
 }
 
 /// The block-diagonal matrix diag(R, R, ..., R) with `count` copies of the square matrix `r`: the
