@@ -244,8 +244,8 @@ public:
     [[nodiscard]] std::size_t workspace_size() const noexcept
     {
         if (k_ == 1) return 0;
-        if (fast_mix_possible()) return detail::hadamard_mix_workspace<value_type, Arch>(mix_, mix_.groups);
-        return k_;
+        const std::size_t w = detail::hadamard_mix_strip_width<value_type, Arch>(mix_, m_, ~std::size_t{0});
+        return w == 0 ? k_ : detail::hadamard_mix_workspace<value_type, Arch>(mix_, w, mix_.groups);
     }
 
     /// x <- M x (see the top of this file), in place. Throws errc::bad_shape, with x untouched,
@@ -339,8 +339,9 @@ private:
                                                                    : detail::construct_hadamard(k_);
             SPINQUANT_ASSERT(h.has_value() && h->order == k_);
             hk_ = std::move(h->entries);
-            mix_ = detail::make_hadamard_mix_table(hk_, k_, false);
-            mix_inverse_ = detail::make_hadamard_mix_table(hk_, k_, true);
+            constexpr std::size_t lanes = xsimd::batch<value_type, Arch>::size;
+            mix_ = detail::make_hadamard_mix_table(hk_, k_, false, lanes);
+            mix_inverse_ = detail::make_hadamard_mix_table(hk_, k_, true, lanes);
         }
         const double d = options.normaliser == hadamard_normaliser::reference
                              ? static_cast<double>(std::sqrt(static_cast<float>(n)))
@@ -354,7 +355,6 @@ private:
         for (std::size_t i = 0; i < n_; ++i) scaled_signs_[i] = signs_[i] * scale_;
     }
 
-    [[nodiscard]] bool fast_mix_possible() const noexcept { return m_ % xsimd::batch<value_type, Arch>::size == 0; }
 
     void check_workspace(std::span<value_type> workspace, const char* where) const
     {
@@ -465,7 +465,7 @@ private:
         }
         const multiplier out = inverse && has_signs ? scaled_signs : scalar;
         const auto& table = inverse ? mix_inverse_ : mix_;
-        if (fast_mix_possible() && work.size() >= detail::hadamard_mix_workspace<value_type, Arch>(table, 1))
+        if (detail::hadamard_mix_strip_width<value_type, Arch>(table, m_, work.size()) > 0)
             detail::hadamard_mix_strips<value_type, Arch>(x.data(), m_, table, work, out);
         else
             detail::hadamard_mix_columns<value_type>(x.data(), m_, 1, hk_, k_, inverse, work, out);

@@ -42,9 +42,11 @@
 // inlining budget says in a large translation unit.
 #if defined(__GNUC__)
 #define SPINQUANT_FWHT_INLINE [[gnu::always_inline]] inline
+#define SPINQUANT_FWHT_LAMBDA_INLINE __attribute__((always_inline))
 #define SPINQUANT_FWHT_FLATTEN [[gnu::flatten]]
 #else
 #define SPINQUANT_FWHT_INLINE inline
+#define SPINQUANT_FWHT_LAMBDA_INLINE
 #define SPINQUANT_FWHT_FLATTEN
 #endif
 

@@ -33,7 +33,12 @@ struct hadamard_mix_table {
     std::size_t order = 0;       ///< K
     unsigned group_bits = 0;     ///< g: inputs per group, 2^g table entries per group
     std::size_t groups = 0;      ///< ceil(K / g)
-    std::vector<std::uint8_t> patterns;  ///< K x groups, row-major: bit t set when H[i][q g + t] = -1
+    std::size_t lanes = 0;       ///< SIMD lanes of the kernel's Arch
+    /// For output row i and group q, the offset (in elements) of the row's entry within the
+    /// group's table: p * lanes, bit t of p set when H[i][q g + t] = -1. Stored by blocks of 4
+    /// rows, group by group: index ((i / 4) * groups + q) * 4 + i % 4, so one step of the kernel
+    /// reads 4 neighbouring offsets.
+    std::vector<std::uint16_t> offsets;
 
     /// Table entries (in strips of L elements) the kernel needs for `groups_at_once` groups.
     [[nodiscard]] std::size_t entries(std::size_t groups_at_once) const noexcept
@@ -59,125 +64,233 @@ struct hadamard_mix_table {
     return best;
 }
 
-/// Builds the sign patterns of the K x K +-1 matrix `h` (row-major), or of its transpose.
+/// Builds the table offsets of the K x K +-1 matrix `h` (row-major), or of its transpose, for a
+/// kernel with `lanes` SIMD lanes. K is a multiple of 4 (every Hadamard order above 2).
 [[nodiscard]] inline hadamard_mix_table make_hadamard_mix_table(std::span<const std::int8_t> h, std::size_t k,
-                                                                bool transpose)
+                                                                bool transpose, std::size_t lanes)
 {
-    SPINQUANT_ASSERT(h.size() == k * k);
+    SPINQUANT_ASSERT(h.size() == k * k && k % 4 == 0);
     hadamard_mix_table t;
     t.order = k;
     t.group_bits = hadamard_mix_group_bits(k);
     t.groups = (k + t.group_bits - 1) / t.group_bits;
-    t.patterns.assign(k * t.groups, 0);
+    t.lanes = lanes;
+    SPINQUANT_ASSERT(((std::size_t{1} << t.group_bits) - 1) * lanes <= 0xFFFF);
+    t.offsets.assign(k * t.groups, 0);
     for (std::size_t i = 0; i < k; ++i)
-        for (std::size_t j = 0; j < k; ++j) {
-            const std::int8_t e = transpose ? h[j * k + i] : h[i * k + j];
-            if (e < 0)
-                t.patterns[i * t.groups + j / t.group_bits] |=
-                    static_cast<std::uint8_t>(1u << (j % t.group_bits));
+        for (std::size_t q = 0; q < t.groups; ++q) {
+            std::size_t p = 0;
+            for (std::size_t b = 0; b < t.group_bits && q * t.group_bits + b < k; ++b) {
+                const std::size_t j = q * t.group_bits + b;
+                if ((transpose ? h[j * k + i] : h[i * k + j]) < 0) p |= std::size_t{1} << b;
+            }
+            t.offsets[((i / 4) * t.groups + q) * 4 + i % 4] = static_cast<std::uint16_t>(p * lanes);
         }
     return t;
 }
 
-/// Workspace (elements of T) the strip kernel needs to run with `groups_at_once` groups per round:
-/// one strip copy of the K inputs plus the tables.
+/// The most registers side by side in one strip (columns handled together): the table offsets
+/// and the loop overhead are shared by them (two with 32 registers, one otherwise).
+template <class Arch>
+inline constexpr std::size_t hadamard_mix_strip_registers = std::is_base_of_v<xsimd::avx512f, Arch> ? 2 : 1;
+
+/// Workspace (elements of T) the strip kernel needs with strips of `w` registers and
+/// `groups_at_once` groups per round: one strip copy of the K inputs plus the tables, plus one
+/// register of slack for alignment.
 template <class T, class Arch>
-[[nodiscard]] constexpr std::size_t hadamard_mix_workspace(const hadamard_mix_table& t,
+[[nodiscard]] constexpr std::size_t hadamard_mix_workspace(const hadamard_mix_table& t, std::size_t w,
                                                            std::size_t groups_at_once) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
-    return (t.order + t.entries(groups_at_once)) * lanes;
+    return (t.order + t.entries(groups_at_once)) * w * lanes + lanes;
 }
 
 /// Output rows done together: independent accumulators hide the add latency.
 template <class Arch>
 inline constexpr std::size_t hadamard_mix_rows = fwht_registers<Arch> == 32 ? 8 : 4;
 
-/// acc[r] (+)= sum over the groups [0, count) of table[q][pattern of row r in group q].
-template <class T, class Arch, std::size_t Rows>
-SPINQUANT_FWHT_INLINE void hadamard_mix_accumulate(std::array<xsimd::batch<T, Arch>, Rows>& acc,
-                                                   const std::uint8_t* patterns, std::size_t stride,
-                                                   const T* tables, unsigned group_bits, std::size_t count) noexcept
+/// acc[r][w] (+)= sum over the groups [0, count) of plane w of table q at the offset of row r, for
+/// Rows = 4 B rows starting at the block whose offsets start at `offsets` (groups_total groups
+/// per block, see hadamard_mix_table::offsets).
+template <class T, class Arch, std::size_t Rows, std::size_t W>
+SPINQUANT_FWHT_INLINE void hadamard_mix_accumulate(std::array<std::array<xsimd::batch<T, Arch>, W>, Rows>& acc,
+                                                   const std::uint16_t* offsets, std::size_t groups_total,
+                                                   const T* tables, std::size_t group_elements,
+                                                   std::size_t count) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
-    constexpr std::size_t lanes = batch::size;
-    const std::size_t group_elements = (std::size_t{1} << group_bits) * lanes;
+    static_assert(Rows % 4 == 0);
     for (std::size_t q = 0; q < count; ++q) {
         const T* tq = tables + q * group_elements;
-        for (std::size_t r = 0; r < Rows; ++r) acc[r] += batch::load_unaligned(tq + std::size_t{patterns[r * stride + q]} * lanes);
+        const std::uint16_t* oq = offsets + q * 4;
+        [&]<std::size_t... R>(std::index_sequence<R...>) SPINQUANT_FWHT_LAMBDA_INLINE {
+            (
+                [&] SPINQUANT_FWHT_LAMBDA_INLINE {
+                    const T* e = tq + oq[(R / 4) * groups_total * 4 + R % 4];
+                    for (std::size_t w = 0; w < W; ++w)
+                        acc[R][w] += batch::load_unaligned(e + w * (group_elements / W));
+                }(),
+                ...);
+        }(std::make_index_sequence<Rows>{});
     }
 }
 
-/// x (K x m, row-major, m a multiple of L) <- diag(out) (H x), H given by `t`, in place.
-/// `work` holds at least hadamard_mix_workspace(t, 1) elements; more lets more groups share a
-/// round. `out` is none, a scalar, or m*K per-element values. Allocation-free.
-template <class T, class Arch>
-SPINQUANT_FWHT_FLATTEN void hadamard_mix_strips(T* x, std::size_t m, const hadamard_mix_table& t, std::span<T> work,
-                         const fwht_multiplier<T>& out) noexcept
+/// e[P + Half] = e[P] - a, e[P] = e[P] + a for P < Half: one doubling step of a sign table.
+template <std::size_t P, std::size_t Half, class B, std::size_t N>
+SPINQUANT_FWHT_INLINE void hadamard_mix_split(std::array<B, N>& e, const B& a) noexcept
+{
+    e[P + Half] = e[P] - a;
+    e[P] = e[P] + a;
+}
+template <std::size_t Half, class B, std::size_t N, std::size_t... P>
+SPINQUANT_FWHT_INLINE void hadamard_mix_double(std::array<B, N>& e, const B& a, std::index_sequence<P...>) noexcept
+{
+    (hadamard_mix_split<P, Half>(e, a), ...);
+}
+
+/// One plane (one register column) of the sign table of one group: entry p at e[p L] is
+/// sum_b (-1)^(bit b of p) a_b, with a_b = in[b * in_stride] (0 for b >= valid). Built in
+/// registers (the low 4 bits as 16 registers, the rest as a second small table added on), so no
+/// entry is stored and reloaded.
+template <unsigned G, class T, class Arch>
+SPINQUANT_FWHT_INLINE void hadamard_mix_group_table(T* e, const T* in, std::size_t in_stride, std::size_t valid) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t stride = batch::size;
+    constexpr unsigned low_bits = G < 4 ? G : 4;
+    const auto input = [&](unsigned b) SPINQUANT_FWHT_LAMBDA_INLINE {
+        return b < valid ? batch::load_unaligned(in + b * in_stride) : batch(T(0));
+    };
+    std::array<batch, std::size_t{1} << low_bits> low;
+    low[0] = input(0);
+    low[1] = -low[0];
+    if constexpr (low_bits > 1) hadamard_mix_double<2>(low, input(1), std::make_index_sequence<2>{});
+    if constexpr (low_bits > 2) hadamard_mix_double<4>(low, input(2), std::make_index_sequence<4>{});
+    if constexpr (low_bits > 3) hadamard_mix_double<8>(low, input(3), std::make_index_sequence<8>{});
+    if constexpr (G == low_bits) {
+        for (std::size_t p = 0; p < low.size(); ++p) low[p].store_unaligned(e + p * stride);
+    } else {
+        constexpr unsigned high_bits = G - low_bits;
+        static_assert(high_bits <= 2);
+        std::array<batch, std::size_t{1} << high_bits> high;
+        high[0] = input(low_bits);
+        high[1] = -high[0];
+        if constexpr (high_bits > 1) hadamard_mix_double<2>(high, input(low_bits + 1), std::make_index_sequence<2>{});
+        for (std::size_t h = 0; h < high.size(); ++h)
+            for (std::size_t p = 0; p < low.size(); ++p)
+                (low[p] + high[h]).store_unaligned(e + ((h << low_bits) + p) * stride);
+    }
+}
+
+/// hadamard_mix_strips for group size G and strips of W registers. A group's table is W planes
+/// (one per register column) of 2^G entries of L elements.
+template <unsigned G, std::size_t W, class T, class Arch>
+SPINQUANT_FWHT_FLATTEN void hadamard_mix_strips_g(T* x, std::size_t m, const hadamard_mix_table& t,
+                                                  std::span<T> work, const fwht_multiplier<T>& out) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     constexpr std::size_t lanes = batch::size;
+    constexpr std::size_t w_regs = W;
+    constexpr std::size_t strip = w_regs * lanes;
     constexpr std::size_t rows_at_once = hadamard_mix_rows<Arch>;
+    constexpr std::size_t group_elements = (std::size_t{1} << G) * strip;
     const std::size_t k = t.order;
-    const unsigned g = t.group_bits;
-    const std::size_t entries_per_group = std::size_t{1} << g;
-    SPINQUANT_ASSERT((m % lanes == 0 && k % 4 == 0 && work.size() >= hadamard_mix_workspace<T, Arch>(t, 1)));
-    const std::size_t round_groups =
-        std::min(t.groups, (work.size() / lanes - k) / entries_per_group);  // groups per round
-    T* in = work.data();                 // the strip's K inputs, L elements each
-    T* tables = work.data() + k * lanes;  // round_groups tables of 2^g entries of L elements
-    for (std::size_t j = 0; j < m; j += lanes) {
-        for (std::size_t r = 0; r < k; ++r) batch::load_unaligned(x + r * m + j).store_unaligned(in + r * lanes);
+    // Tables aligned to the register size: a load that straddles two cache lines costs double.
+    const auto address = reinterpret_cast<std::uintptr_t>(work.data());
+    const std::size_t skip = (sizeof(batch) - address % sizeof(batch)) % sizeof(batch) / sizeof(T);
+    const std::size_t usable = work.size() - skip;
+    // With room for every table at once, the tables are built straight from x; otherwise the
+    // strip is copied first, since outputs overwrite x between rounds.
+    const bool one_round = usable >= t.groups * group_elements;
+    T* copy = work.data() + skip;
+    T* tables = one_round ? copy : copy + k * strip;
+    const std::size_t round_groups = one_round ? t.groups : std::min(t.groups, (usable - k * strip) / group_elements);
+    for (std::size_t j = 0; j < m; j += strip) {
+        const T* in = x + j;  // input b of the strip: in + b * in_stride
+        std::size_t in_stride = m;
+        if (!one_round) {
+            for (std::size_t r = 0; r < k; ++r)
+                for (std::size_t w = 0; w < w_regs; ++w)
+                    batch::load_unaligned(x + r * m + j + w * lanes).store_unaligned(copy + r * strip + w * lanes);
+            in = copy;
+            in_stride = strip;
+        }
         for (std::size_t q0 = 0; q0 < t.groups; q0 += round_groups) {
             const std::size_t count = std::min(round_groups, t.groups - q0);
-            // Tables: entry p of group q is sum_b (-1)^(bit b of p) x[q g + b] (missing inputs are 0).
             for (std::size_t q = 0; q < count; ++q) {
-                T* e = tables + q * entries_per_group * lanes;
-                const std::size_t first = (q0 + q) * g;
-                const batch a0 = batch::load_unaligned(in + first * lanes);
-                a0.store_unaligned(e);
-                (-a0).store_unaligned(e + lanes);
-                for (unsigned b = 1; b < g; ++b) {
-                    const std::size_t half = std::size_t{1} << b;
-                    const batch ab = first + b < k ? batch::load_unaligned(in + (first + b) * lanes) : batch(T(0));
-                    for (std::size_t p = 0; p < half; ++p) {
-                        const batch v = batch::load_unaligned(e + p * lanes);
-                        (v - ab).store_unaligned(e + (p + half) * lanes);
-                        (v + ab).store_unaligned(e + p * lanes);
-                    }
-                }
+                const std::size_t first = (q0 + q) * G;
+                for (std::size_t w = 0; w < w_regs; ++w)
+                    hadamard_mix_group_table<G, T, Arch>(tables + q * group_elements + w * (group_elements / W),
+                                                         in + first * in_stride + w * lanes, in_stride, k - first);
             }
             const bool first_round = q0 == 0;
             const bool last_round = q0 + count == t.groups;
-            const auto finish = [&](std::size_t r, batch v) {
-                T* dst = x + r * m + j;
-                if (last_round) {
-                    if (out.kind == fwht_scale::scalar)
-                        v *= batch(out.scalar);
-                    else if (out.kind == fwht_scale::vector)
-                        v *= batch::load_unaligned(out.values + r * m + j);
-                }
-                v.store_unaligned(dst);
+            const auto rows = [&]<std::size_t Rows>(std::size_t r) SPINQUANT_FWHT_LAMBDA_INLINE {
+                std::array<std::array<batch, w_regs>, Rows> acc;
+                for (std::size_t u = 0; u < Rows; ++u)
+                    for (std::size_t w = 0; w < w_regs; ++w)
+                        acc[u][w] = first_round ? batch(T(0)) : batch::load_unaligned(x + (r + u) * m + j + w * lanes);
+                hadamard_mix_accumulate<T, Arch, Rows, w_regs>(acc, t.offsets.data() + (r / 4 * t.groups + q0) * 4,
+                                                               t.groups, tables, group_elements, count);
+                for (std::size_t u = 0; u < Rows; ++u)
+                    for (std::size_t w = 0; w < w_regs; ++w) {
+                        const std::size_t at = (r + u) * m + j + w * lanes;
+                        batch v = acc[u][w];
+                        if (last_round) {
+                            if (out.kind == fwht_scale::scalar)
+                                v *= batch(out.scalar);
+                            else if (out.kind == fwht_scale::vector)
+                                v *= batch::load_unaligned(out.values + at);
+                        }
+                        v.store_unaligned(x + at);
+                    }
             };
             std::size_t r = 0;
-            for (; r + rows_at_once <= k; r += rows_at_once) {
-                std::array<batch, rows_at_once> acc;
-                for (std::size_t u = 0; u < rows_at_once; ++u)
-                    acc[u] = first_round ? batch(T(0)) : batch::load_unaligned(x + (r + u) * m + j);
-                hadamard_mix_accumulate<T, Arch, rows_at_once>(acc, t.patterns.data() + r * t.groups + q0, t.groups,
-                                                               tables, g, count);
-                for (std::size_t u = 0; u < rows_at_once; ++u) finish(r + u, acc[u]);
-            }
-            for (; r < k; r += 4) {  // K is a multiple of 4
-                std::array<batch, 4> acc;
-                for (std::size_t u = 0; u < 4; ++u)
-                    acc[u] = first_round ? batch(T(0)) : batch::load_unaligned(x + (r + u) * m + j);
-                hadamard_mix_accumulate<T, Arch, 4>(acc, t.patterns.data() + r * t.groups + q0, t.groups, tables, g,
-                                                    count);
-                for (std::size_t u = 0; u < 4; ++u) finish(r + u, acc[u]);
-            }
+            for (; r + rows_at_once <= k; r += rows_at_once) rows.template operator()<rows_at_once>(r);
+            for (; r < k; r += 4) rows.template operator()<4>(r);  // K is a multiple of 4
         }
     }
+}
+
+/// Registers per strip the strip kernel uses for K x m data with `available` elements of
+/// workspace: the most that divide m and fit, or 0 when the kernel cannot run (then use
+/// hadamard_mix_columns).
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_mix_strip_width(const hadamard_mix_table& t, std::size_t m,
+                                                             std::size_t available) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    for (std::size_t w = hadamard_mix_strip_registers<Arch>; w >= 1; w /= 2)
+        if (m % (w * lanes) == 0 && available >= hadamard_mix_workspace<T, Arch>(t, w, 1)) return w;
+    return 0;
+}
+
+/// x (K x m, row-major) <- diag(out) (H x), H given by `t`, in place, with strips of
+/// w = hadamard_mix_strip_width(t, m, work.size()) > 0 registers. More workspace lets more groups
+/// share a round (all of them: no copy of the strip). `out` is none, a scalar, or K*m
+/// per-element values. Allocation-free.
+template <class T, class Arch>
+void hadamard_mix_strips(T* x, std::size_t m, const hadamard_mix_table& t, std::span<T> work,
+                         const fwht_multiplier<T>& out) noexcept
+{
+    SPINQUANT_ASSERT((t.lanes == xsimd::batch<T, Arch>::size));
+    const std::size_t w = hadamard_mix_strip_width<T, Arch>(t, m, work.size());
+    SPINQUANT_ASSERT(w > 0);
+    const auto run = [&]<std::size_t W>() {
+        switch (t.group_bits) {
+        case 2: hadamard_mix_strips_g<2, W, T, Arch>(x, m, t, work, out); break;
+        case 3: hadamard_mix_strips_g<3, W, T, Arch>(x, m, t, work, out); break;
+        case 4: hadamard_mix_strips_g<4, W, T, Arch>(x, m, t, work, out); break;
+        case 5: hadamard_mix_strips_g<5, W, T, Arch>(x, m, t, work, out); break;
+        default: hadamard_mix_strips_g<6, W, T, Arch>(x, m, t, work, out); break;
+        }
+    };
+    if constexpr (hadamard_mix_strip_registers<Arch> >= 2)
+        if (w == 2) {
+            run.template operator()<2>();
+            return;
+        }
+    run.template operator()<1>();
 }
 
 /// The same product one column at a time, for any layout: element (r, c) of the K x m view is
