@@ -128,9 +128,9 @@ static_assert(hadamard_stack_bytes >= max_plan_order * sizeof(double), "SPINQUAN
             above = v;
             break;
         }
-    std::string s = "nearest supported sizes: ";
+    std::string s = " (nearest supported sizes: ";
     if (below != 0) s += std::to_string(below) + " and ";
-    return s + std::to_string(above);
+    return s + std::to_string(above) + ")";
 }
 
 [[noreturn]] inline void fail_unsupported_hadamard(std::string_view where, std::size_t n, hadamard_source source)
@@ -138,8 +138,8 @@ static_assert(hadamard_stack_bytes >= max_plan_order * sizeof(double), "SPINQUAN
     std::string why = "no Hadamard transform of size " + std::to_string(n);
     why += source == hadamard_source::reference
                ? " in the reference's get_hadK (n = 2^j, or K 2^j for its first K dividing n among "
-                 "172, 156, 140, 108, 60, 52, 36, 28, 44, 40, 20, 12); "
-               : " (n = K 2^j needs a known Hadamard matrix of order K <= " + std::to_string(max_plan_order) + "); ";
+                 "172, 156, 140, 108, 60, 52, 36, 28, 44, 40, 20, 12)"
+               : " (n = K 2^j needs a known Hadamard matrix of order K <= " + std::to_string(max_plan_order) + ")";
     fail(errc::unsupported_size, where, why + hadamard_nearest_sizes(n, source));
 }
 

@@ -1,0 +1,93 @@
+#pragma once
+// Dense double references for the Walsh-Hadamard tests, written from the definitions only
+// (no FWHT, no tables): entry formulas, O(n) per output, O(n^2) per vector.
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <span>
+#include <utility>
+#include <vector>
+
+namespace spinquant::test {
+
+/// Sylvester (natural order) entry: (-1)^popcount(i & j).
+[[nodiscard]] inline int sylvester_entry(std::size_t i, std::size_t j) noexcept
+{
+    return (std::popcount(i & j) & 1) != 0 ? -1 : 1;
+}
+
+/// The operator of a K * 2^k transform written out: M[i][j] = H_K[i/m][j/m] H_m[i%m][j%m] s_j / d
+/// (forward) or its transpose (inverse). `hk` is H_K row-major (empty for K = 1), `signs` empty or
+/// n entries of +-1.
+struct dense_hadamard {
+    std::size_t n = 0, k = 1;
+    std::vector<std::int8_t> hk;
+    std::vector<double> signs;
+    double divisor = 1;
+
+    [[nodiscard]] std::size_t m() const noexcept { return n / k; }
+
+    /// Entry (i, j) of M (forward) or of M^T (inverse).
+    [[nodiscard]] double entry(std::size_t i, std::size_t j, bool inverse) const noexcept
+    {
+        if (inverse) std::swap(i, j);
+        const std::size_t mm = m();
+        double e = sylvester_entry(i % mm, j % mm);
+        if (k > 1) e *= hk[(i / mm) * k + j / mm];
+        if (!signs.empty()) e *= signs[j];
+        return e / divisor;
+    }
+
+    /// Output i of M x (or M^T x), in double.
+    template <class T>
+    [[nodiscard]] double output(std::span<const T> x, std::size_t i, bool inverse) const noexcept
+    {
+        double acc = 0;
+        for (std::size_t j = 0; j < n; ++j) acc += entry(i, j, inverse) * static_cast<double>(x[j]);
+        return acc;
+    }
+
+    /// The whole of M x (or M^T x).
+    template <class T>
+    [[nodiscard]] std::vector<double> apply(std::span<const T> x, bool inverse) const
+    {
+        std::vector<double> y(n);
+        for (std::size_t i = 0; i < n; ++i) y[i] = output(x, i, inverse);
+        return y;
+    }
+};
+
+/// Deterministic test data: uniform in [-1, 1) from a seeded engine (the engine's output is
+/// specified by the standard; the conversion below is ours, so data is identical everywhere).
+template <class T>
+[[nodiscard]] std::vector<T> random_vector(std::size_t n, std::uint64_t seed)
+{
+    std::mt19937_64 engine(seed);
+    std::vector<T> x(n);
+    for (T& v : x) v = static_cast<T>(static_cast<double>(engine() >> 11) * 0x1.0p-52 - 1.0);
+    return x;
+}
+
+/// A bound on the rounding error of an output of a transform that sums n terms of |x_j| through
+/// additions nested at most `depth` deep in T, then scales by 1/d: each level adds at most one
+/// rounding (relative eps) of a partial sum bounded by sum |x_j|, the scale and the signs one more
+/// each; the factor 2 covers the reciprocal being rounded too.
+template <class T>
+[[nodiscard]] double transform_tolerance(double sum_abs, double divisor, double depth)
+{
+    const double eps = static_cast<double>(std::numeric_limits<T>::epsilon());
+    return 2.0 * eps * (depth + 2.0) * sum_abs / divisor;
+}
+
+/// Nesting depth of the additions of a K * 2^k transform in any of the library's paths:
+/// log2(m) for the power-of-two part, then the mix: at most 6 levels inside a sign table plus one
+/// sequential add per group (fewer than K), or K sequential adds in the scalar column product.
+[[nodiscard]] inline double transform_depth(std::size_t n, std::size_t k)
+{
+    return std::log2(static_cast<double>(n / k)) + (k > 1 ? static_cast<double>(k) + 6.0 : 0.0);
+}
+
+}  // namespace spinquant::test
