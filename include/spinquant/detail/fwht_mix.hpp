@@ -125,7 +125,7 @@ SPINQUANT_FWHT_INLINE void hadamard_mix_accumulate(std::array<std::array<xsimd::
         const std::uint16_t* oq = offsets + q * 4;
         [&]<std::size_t... R>(std::index_sequence<R...>) SPINQUANT_FWHT_LAMBDA_INLINE {
             (
-                [&] SPINQUANT_FWHT_LAMBDA_INLINE {
+                [&]() SPINQUANT_FWHT_LAMBDA_INLINE {
                     const T* e = tq + oq[(R / 4) * groups_total * 4 + R % 4];
                     for (std::size_t w = 0; w < W; ++w)
                         acc[R][w] += batch::load_unaligned(e + w * (group_elements / W));
