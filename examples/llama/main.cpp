@@ -14,6 +14,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "eval.hpp"
@@ -270,17 +271,25 @@ int run(const options& o)
     std::vector<llama::result_row> rows;
     rows.push_back({"FP", "FP", "FP", std::nullopt, ref.fp});
 
-    // RTN: no rotation, weights rounded to nearest once (W4 for every row), the reference's
-    // quantizer placement for activations and the KV cache.
-    llama::model rtn = fp;
-    llama::quantize_weights_rtn(rtn, llama::quant_config::bits(4, 16, 16));
-    for (const auto& q : {llama::quant_config::bits(4, 16, 16), llama::quant_config::bits(4, 8, 8),
-                          llama::quant_config::bits(4, 4, 4)}) {
-        const auto t = std::chrono::steady_clock::now();
-        rows.push_back({"RTN", q.label(), "RTN", std::nullopt, llama::evaluate(rtn, llama::make_quant_hooks(c, q), eval, ref)});
-        std::cout << "  " << rows.back().method << " " << rows.back().bits << ": evaluated in " << seconds_since(t)
-                  << " s (" << seconds_since(t) / fp_seconds << "x the full-precision pass)" << std::endl;
-    }
+    // No rotation ("RTN" in the paper's tables), with W4 weights rounded to nearest or by GPTQ on
+    // the calibration set; each weight variant is computed once and shared by the three rows.
+    const auto w4 = llama::quant_config::bits(4, 16, 16);
+    std::vector<std::pair<std::string, llama::model>> weights;
+    weights.emplace_back("RTN", fp);
+    llama::quantize_weights_rtn(weights.back().second, w4);
+    const auto t_gptq = std::chrono::steady_clock::now();
+    weights.emplace_back("GPTQ", fp);
+    llama::quantize_weights_gptq(weights.back().second, w4, calib);
+    std::cout << "  GPTQ on " << calib.predictions() << " calibration tokens: " << seconds_since(t_gptq) << " s"
+              << std::endl;
+    for (const auto& [name, m] : weights)
+        for (const auto& q : {llama::quant_config::bits(4, 16, 16), llama::quant_config::bits(4, 8, 8),
+                              llama::quant_config::bits(4, 4, 4)}) {
+            const auto t = std::chrono::steady_clock::now();
+            rows.push_back({"RTN", q.label(), name, std::nullopt, llama::evaluate(m, llama::make_quant_hooks(c, q), eval, ref)});
+            std::cout << "  RTN " << q.label() << " " << name << " weights: evaluated in " << seconds_since(t) << " s ("
+                      << seconds_since(t) / fp_seconds << "x the full-precision pass)" << std::endl;
+        }
 
     llama::write_table(std::cout, llama::summarize(rows));
     std::cout << "\nfull-precision pass: " << fp_seconds << " s (" << static_cast<double>(protocol.predictions) / fp_seconds

@@ -7,10 +7,13 @@
 /// through spinquant::hadamard_plan. Everything is built from the library's quantizer and
 /// Hadamard plan; nothing here re-implements either.
 #include <cstddef>
-#include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include <spinquant/eigen.hpp>
 #include <spinquant/error.hpp>
+#include <spinquant/gptq.hpp>
 #include <spinquant/hadamard.hpp>
 #include <spinquant/quantizer.hpp>
 
@@ -164,6 +167,83 @@ inline void quantize_weights_rtn(model& m, const quant_config& q)
     const auto spec = spinquant::quant_spec::weight(q.w_bits, q.w_symmetric, 0, q.w_clip);
     for (auto& lw : m.layers)
         for (matrix* w : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3}) spinquant::fake_quantize(w->view(), spec);
+}
+
+/// GPTQ as SpinQuant's gptq_fwrd runs it (REFERENCE.md §1f): blocks one after another, each
+/// fed the calibration activations that the already-quantized blocks before it produce; inside a
+/// block the linears in four groups, {q, k, v}, {o}, {gate, up}, {down}, each group's Hessian
+/// taken from a forward pass in which the earlier groups are already quantized. Activations stay
+/// in full precision (the reference enables its activation quantizers only afterwards), but
+/// down_proj sees its input after the online R4 when q.online_r4 (call merge_r4 first), as the
+/// reference's hooks on the inner linear do. Each calibration sequence counts as one Hessian
+/// sample, as the reference's add_batch counts batch entries.
+/// Errors (m untouched, whichever layer fails): errc::bits_out_of_range for w_bits outside
+/// 2..16; errc::bad_argument for an empty calibration set, a sequence shorter than 2 tokens or
+/// online_r4 without `rot`; those of forward() for bad tokens or sequences longer than the
+/// context; those of spinquant::gptq (errc::not_positive_definite when a Hessian is singular
+/// even after damping). No-op at 16 bits. Complexity: 5 block passes per block over the calibration set
+/// plus one GPTQ per linear.
+inline void quantize_weights_gptq(model& m, const quant_config& q, const eval_set& calib,
+                                  const online_rotations* rot = nullptr, const spinquant::gptq_options& options = {})
+{
+    constexpr const char* where = "llama::quantize_weights_gptq";
+    detail::check_bits(q.w_bits, "w_bits", where);
+    if (q.w_bits >= 16) return;
+    if (calib.sequences.empty())
+        spinquant::detail::fail(spinquant::errc::bad_argument, where, "the calibration set is empty");
+    if (q.online_r4 && rot == nullptr)
+        spinquant::detail::fail(spinquant::errc::bad_argument, where, "online_r4 is set but no online_rotations were given");
+    const model_config& c = m.config;
+    {
+        kv_cache probe(c);
+        for (const auto& s : calib.sequences) {
+            if (s.size() < 2)
+                spinquant::detail::fail(spinquant::errc::bad_argument, where, "a calibration sequence has fewer than 2 tokens");
+            check_forward_input(m, std::span<const int>(s).first(s.size() - 1), 0, probe, where);
+        }
+    }
+    const auto spec = spinquant::quant_spec::weight(q.w_bits, q.w_symmetric, 0, q.w_clip);
+    model out = m;  // m changes only when every layer succeeded
+    quant_config fp_acts;  // full-precision activations, with the online R4 where the model has it
+    fp_acts.online_r4 = q.online_r4;
+    const activation_hooks hooks = make_quant_hooks(c, fp_acts, rot);
+
+    // The residual stream entering the current block, one matrix per calibration sequence.
+    std::vector<rows> inputs(calib.sequences.size());
+    for (std::size_t i = 0; i < inputs.size(); ++i) {
+        const auto& s = calib.sequences[i];
+        embed(out, std::span<const int>(s).first(s.size() - 1), inputs[i]);
+    }
+    kv_cache cache(c);
+    workspace ws(c);
+    layer_trace trace;
+    rows x;
+    // Runs block l over every sequence and adds the input of one group's linears to `acc`.
+    const auto hessian = [&](std::size_t l, rows layer_trace::*site, std::size_t columns) {
+        spinquant::hessian_accumulator acc(columns);
+        for (const rows& in : inputs) {
+            x = in;
+            forward_layer(out, l, x, 0, cache, hooks, ws, &trace);
+            acc.add_batch(trace.*site, 1);
+        }
+        return acc.hessian();
+    };
+    const auto quantize = [&](matrix& w, const Eigen::MatrixXd& h) {
+        const auto r = spinquant::gptq(w.view(), h, spec, options);
+        spinquant::as_eigen(w.view()) = r.weight;
+    };
+    for (std::size_t l = 0; l < c.n_layers; ++l) {
+        layer_weights& lw = out.layers[l];
+        const Eigen::MatrixXd h_attn = hessian(l, &layer_trace::attn_in, c.dim);
+        for (matrix* w : {&lw.wk, &lw.wv, &lw.wq}) quantize(*w, h_attn);
+        quantize(lw.wo, hessian(l, &layer_trace::o, c.dim));
+        const Eigen::MatrixXd h_ffn = hessian(l, &layer_trace::ffn_in, c.dim);
+        quantize(lw.w3, h_ffn);
+        quantize(lw.w1, h_ffn);
+        quantize(lw.w2, hessian(l, &layer_trace::down_in, c.hidden_dim));
+        for (rows& in : inputs) forward_layer(out, l, in, 0, cache, hooks, ws);  // the next block's inputs
+    }
+    m = std::move(out);
 }
 
 }  // namespace llama

@@ -230,3 +230,110 @@ TEST_CASE("a bad quantization setting is rejected when the hooks are made", "[ll
         CHECK(std::string(e.what()).find("online_rotations") != std::string::npos);
     }
 }
+
+TEST_CASE("GPTQ quantizes block by block with the Hessians of the reference's sequential procedure", "[llama][quant][gptq]")
+{
+    const auto& fp = stories260k();
+    const auto& c = fp.config;
+    const auto calib = llama::sample_sequences(fp, 3, 24, 21);
+    const auto q = llama::quant_config::bits(4, 16, 16);
+    llama::model got = fp;
+    llama::quantize_weights_gptq(got, q, calib);
+    const auto spec = spinquant::quant_spec::weight(4, true, 0, true);
+
+    // Independently: the inputs of block 0's linears over the calibration set, given a model.
+    const auto inputs = [&](const llama::model& m, llama::rows llama::layer_trace::*site, std::size_t cols) {
+        spinquant::hessian_accumulator acc(cols);
+        for (const auto& s : calib.sequences) {
+            llama::kv_cache cache(c);
+            llama::workspace ws(c);
+            llama::rows x;
+            llama::layer_trace tr;
+            llama::embed(m, std::span<const int>(s).first(s.size() - 1), x);
+            llama::forward_layer(m, 0, x, 0, cache, {}, ws, &tr);
+            acc.add_batch(tr.*site, 1);
+        }
+        return acc.hessian();
+    };
+    const auto gptq = [&](const llama::matrix& w, const Eigen::MatrixXd& h) {
+        return spinquant::gptq(w.view(), h, spec).weight;
+    };
+    const auto same = [](const llama::matrix& w, const llama::rows& expect) {
+        return spinquant::as_eigen(w.view()) == expect;
+    };
+    // q, k, v from the full-precision inputs (nothing is quantized before them).
+    const Eigen::MatrixXd h_attn = inputs(fp, &llama::layer_trace::attn_in, c.dim);
+    CHECK(same(got.layers[0].wq, gptq(fp.layers[0].wq, h_attn)));
+    CHECK(same(got.layers[0].wk, gptq(fp.layers[0].wk, h_attn)));
+    CHECK(same(got.layers[0].wv, gptq(fp.layers[0].wv, h_attn)));
+    // o_proj from the attention output of quantized q, k, v.
+    llama::model step = fp;
+    step.layers[0].wq = got.layers[0].wq;
+    step.layers[0].wk = got.layers[0].wk;
+    step.layers[0].wv = got.layers[0].wv;
+    CHECK(same(got.layers[0].wo, gptq(fp.layers[0].wo, inputs(step, &llama::layer_trace::o, c.dim))));
+    CHECK_FALSE(same(got.layers[0].wo, gptq(fp.layers[0].wo, inputs(fp, &llama::layer_trace::o, c.dim))));
+    // The classifier, embedding and norms are left alone; every weight row has at most 16 levels.
+    CHECK(got.classifier.data == fp.classifier.data);
+    CHECK(got.token_embedding.data == fp.token_embedding.data);
+    for (const auto& lw : got.layers)
+        for (const llama::matrix* w : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3})
+            for (std::size_t r = 0; r < w->rows; ++r) {
+                const auto row = w->view().row(r);
+                REQUIRE(std::set<float>(row.begin(), row.end()).size() <= 16);
+            }
+}
+
+TEST_CASE("GPTQ weights are closer to full precision than RTN weights on held-out sampled text", "[llama][quant][gptq]")
+{
+    const auto& fp = stories260k();
+    const auto calib = llama::sample_sequences(fp, 8, 128, 31);  // calibration and evaluation seeds differ
+    const auto set = llama::sample_sequences(fp, 4, 64, 32);
+    const auto ref = llama::make_reference(fp, set);
+    const auto q = llama::quant_config::bits(4, 16, 16);
+    llama::model rtn = fp, gptq = fp;
+    llama::quantize_weights_rtn(rtn, q);
+    llama::quantize_weights_gptq(gptq, q, calib);
+    const double kl_rtn = llama::evaluate(rtn, {}, set, ref).kl;
+    const double kl_gptq = llama::evaluate(gptq, {}, set, ref).kl;
+    INFO("KL to FP: RTN " << kl_rtn << ", GPTQ " << kl_gptq);
+    CHECK(kl_gptq < kl_rtn);
+}
+
+TEST_CASE("GPTQ with the online R4 sees down_proj's rotated input and keeps the model's function", "[llama][quant][gptq]")
+{
+    const auto& fp = stories260k();
+    const llama::online_rotations rot(fp.config);
+    const auto calib = llama::sample_sequences(fp, 2, 24, 41);
+    auto q = llama::quant_config::bits(8, 16, 16);
+    q.online_r4 = true;
+    llama::model m = fp;
+    llama::merge_r4(m, rot);
+    llama::quantize_weights_gptq(m, q, calib, &rot);
+    // At 8 bits the quantized model must stay close to FP, which it only does when down_proj was
+    // quantized for the rotated inputs it will see.
+    const auto set = llama::sample_sequences(fp, 2, 32, 42);
+    const auto ref = llama::make_reference(fp, set);
+    const auto with_r4 = llama::evaluate(m, llama::make_quant_hooks(m.config, q, &rot), set, ref);
+    CHECK(with_r4.kl < 0.01);
+    CHECK(llama::evaluate(m, {}, set, ref).kl > 0.1);  // without the online half: broken
+}
+
+TEST_CASE("GPTQ rejects a bad setting or calibration set and leaves the model alone", "[llama][quant][gptq][errors]")
+{
+    const auto& fp = stories260k();
+    const auto calib = llama::sample_sequences(fp, 1, 8, 1);
+    llama::model m = fp;
+    CHECK_THROWS_AS(llama::quantize_weights_gptq(m, llama::quant_config::bits(1, 16, 16), calib), spinquant::error);
+    CHECK_THROWS_AS(llama::quantize_weights_gptq(m, llama::quant_config::bits(4, 16, 16), llama::eval_set{}),
+                    spinquant::error);
+    auto r4 = llama::quant_config::bits(4, 16, 16);
+    r4.online_r4 = true;
+    CHECK_THROWS_AS(llama::quantize_weights_gptq(m, r4, calib), spinquant::error);
+    const llama::eval_set bad{{{1, 600, 3}}};
+    CHECK_THROWS_AS(llama::quantize_weights_gptq(m, llama::quant_config::bits(4, 16, 16), bad), spinquant::error);
+    CHECK(m.layers[0].wq.data == fp.layers[0].wq.data);
+    CHECK(m.layers[4].w2.data == fp.layers[4].w2.data);
+    llama::quantize_weights_gptq(m, llama::quant_config{}, calib);  // 16 bits: nothing to do
+    CHECK(m.layers[2].w1.data == fp.layers[2].w1.data);
+}
