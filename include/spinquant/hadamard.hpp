@@ -13,6 +13,7 @@
 /// its matmul_hadU(X) is apply on every row of X, matmul_hadUt(X) is apply_inverse on every row,
 /// and its hadamard_matrix(n) / random_hadamard_matrix(n) equal the transpose of
 /// hadamard_plan::matrix() (with the same signs).
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -166,8 +167,7 @@ void fwht(V&& x)
     using T = typename decltype(s)::element_type;
     const detail::fwht_multiplier<T> scale{detail::fwht_scale::scalar,
                                            static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.size()))), nullptr};
-    constexpr std::size_t ahead = detail::fwht_prefetch_bytes / sizeof(T);
-    detail::fwht_pow2_scaled<T>(s, scale, {}, detail::fwht_window<T>{s.data(), s.size()}.advanced(ahead));
+    detail::fwht_pow2_scaled<T>(s, scale, {}, detail::fwht_window<T>{s.data(), s.size()});
 }
 
 /// A Walsh-Hadamard transform of one size n = K * 2^k, built once and applied many times: the
@@ -368,7 +368,7 @@ private:
     {
         detail::require_size(x.size(), n_, where, "x");
         if (k_ == 1)
-            run(x, inverse, {}, window_for(x.data(), n_));
+            run(x, inverse, {}, {x.data(), n_});
         else
             run_on_stack(x, inverse);
     }
@@ -376,7 +376,7 @@ private:
     {
         detail::require_size(x.size(), n_, where, "x");
         check_workspace(workspace, where);
-        run(x, inverse, workspace, window_for(x.data(), n_));
+        run(x, inverse, workspace, {x.data(), n_});
     }
 
     void run_rows_checked(matrix_view<value_type> a, bool inverse, const char* where) const
@@ -409,18 +409,12 @@ private:
     [[gnu::noinline]] void run_on_stack(std::span<value_type> x, bool inverse) const noexcept
     {
         stack_buffer stack;
-        run(x, inverse, stack, window_for(x.data(), n_));
+        run(x, inverse, stack, {x.data(), n_});
     }
     [[gnu::noinline]] void run_rows_on_stack(matrix_view<value_type> a, bool inverse) const noexcept
     {
         stack_buffer stack;
         run_rows(a, inverse, stack);
-    }
-
-    // Prefetch window for data[0..size): what lies fwht_prefetch_bytes ahead.
-    static detail::fwht_window<value_type> window_for(const value_type* data, std::size_t size) noexcept
-    {
-        return detail::fwht_window<value_type>{data, size}.advanced(detail::fwht_prefetch_bytes / sizeof(value_type));
     }
 
     void run_rows(matrix_view<value_type> a, bool inverse, std::span<value_type> work) const noexcept
@@ -430,16 +424,17 @@ private:
             const std::size_t extent = (a.rows - 1) * a.row_stride + n_;  // the view's memory, row 0 to the end
             for (std::size_t r = 0; r < a.rows; ++r) {
                 const std::size_t offset = r * a.row_stride;
-                run(a.row(r), inverse, work, window_for(a.data, extent).advanced(offset));
+                run(a.row(r), inverse, work, detail::fwht_window<value_type>{a.data, extent}.advanced(offset));
             }
         } else {
             for (std::size_t r = 0; r < a.rows; ++r) run_strided(a.data + r * a.row_stride, a.col_stride, inverse, work);
         }
     }
 
-    // The contiguous core: x (n elements) <- M x or M^T x.
+    // The contiguous core: x (n elements) <- M x or M^T x. `region`: the memory from x on that the
+    // caller transforms now and next, for prefetching (see detail::fwht_window).
     void run(std::span<value_type> x, bool inverse, std::span<value_type> work,
-             const detail::fwht_window<value_type>& ahead) const noexcept
+             const detail::fwht_window<value_type>& region) const noexcept
     {
         using detail::fwht_scale;
         using multiplier = detail::fwht_multiplier<value_type>;
@@ -449,11 +444,11 @@ private:
         if (k_ == 1) {
             // Forward: signs (and scale) on the way in; inverse: signs on the way out.
             if (!inverse)
-                detail::fwht_pow2_scaled<value_type, Arch>(x, has_signs ? scaled_signs : scalar, {}, ahead);
+                detail::fwht_pow2_scaled<value_type, Arch>(x, has_signs ? scaled_signs : scalar, {}, region);
             else if (has_signs)
-                detail::fwht_pow2_scaled<value_type, Arch>(x, {}, scaled_signs, ahead);
+                detail::fwht_pow2_scaled<value_type, Arch>(x, {}, scaled_signs, region);
             else
-                detail::fwht_pow2_scaled<value_type, Arch>(x, scalar, {}, ahead);
+                detail::fwht_pow2_scaled<value_type, Arch>(x, scalar, {}, region);
             return;
         }
         // K > 1: the K row transforms (forward: signs on the way in), then the mix, which applies
@@ -461,12 +456,15 @@ private:
         for (std::size_t r = 0; r < k_; ++r) {
             multiplier in{};
             if (!inverse && has_signs) in = multiplier{fwht_scale::vector, value_type(1), signs_.data() + r * m_};
-            detail::fwht_pow2_scaled<value_type, Arch>(x.subspan(r * m_, m_), in, {}, ahead.advanced(r * m_));
+            // Each row prefetches ahead within x (the rows after it); the mix prefetches what follows x.
+            const auto row_region = region.advanced(r * m_);
+            detail::fwht_pow2_scaled<value_type, Arch>(x.subspan(r * m_, m_), in, {},
+                                                       {row_region.data, std::min(row_region.size, n_ - r * m_)});
         }
         const multiplier out = inverse && has_signs ? scaled_signs : scalar;
         const auto& table = inverse ? mix_inverse_ : mix_;
         if (detail::hadamard_mix_strip_width<value_type, Arch>(table, m_, work.size()) > 0)
-            detail::hadamard_mix_strips<value_type, Arch>(x.data(), m_, table, work, out);
+            detail::hadamard_mix_strips<value_type, Arch>(x.data(), m_, table, work, out, region.advanced(n_));
         else
             detail::hadamard_mix_columns<value_type>(x.data(), m_, 1, hk_, k_, inverse, work, out);
     }

@@ -248,8 +248,10 @@ SPINQUANT_FWHT_INLINE void fwht_store(T* x, xsimd::batch<T, Arch> v, const fwht_
     v.store_unaligned(x + i);
 }
 
-/// Memory the caller reads soon: `size` elements from `data`. The leaf pass, which is the pass
-/// that streams from memory, prefetches window.data[i] while it works on x[i].
+/// A stretch of memory, `size` elements from `data`, for prefetching: the caller passes the memory
+/// from x onwards that it is about to transform (x itself, then e.g. the next rows of a matrix).
+/// The leaf pass, which streams from memory, prefetches fwht_prefetch_bytes ahead of the element
+/// it works on into L1; the K x K mix, which does not stream, prefetches the data after x into L2.
 template <class T>
 struct fwht_window {
     const T* data = nullptr;
@@ -266,11 +268,21 @@ struct fwht_window {
 /// How far ahead of the data in use the leaf pass prefetches: a few microseconds of work.
 inline constexpr std::size_t fwht_prefetch_bytes = std::size_t{1} << 13;
 
-/// Asks for the cache line holding *p (no effect where unsupported; never faults).
+/// Asks for the cache line holding *p into L1 (no effect where unsupported; never faults).
 SPINQUANT_FWHT_INLINE void fwht_prefetch(const void* p) noexcept
 {
 #if defined(__GNUC__)
     __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+}
+
+/// Asks for the cache line holding *p into L2 (no effect where unsupported; never faults).
+SPINQUANT_FWHT_INLINE void fwht_prefetch_l2(const void* p) noexcept
+{
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 2);
 #else
     (void)p;
 #endif
@@ -408,6 +420,7 @@ template <class T, class Arch>
 /// The transform of x[0..n) for n = 2^(bits below `levels`) >= 2 registers, made of the leaf
 /// pass and strided passes 0..levels-1. Sub-transforms that fit in L1 run pass after pass; larger
 /// ones recurse depth first: the 2^r parts below the top pass, then the top pass.
+/// `ahead` is prefetched by the leaf pass in step.
 template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned levels, const fwht_multiplier<T>& in,
                  const fwht_multiplier<T>& out, const fwht_window<T>& ahead) noexcept
@@ -445,8 +458,9 @@ void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned level
 /// No checks (callers validate), no allocation.
 template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
-                     const fwht_window<T>& ahead = {}) noexcept
+                     const fwht_window<T>& region = {}) noexcept
 {
+    const auto ahead = region.advanced(fwht_prefetch_bytes / sizeof(T));
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     const std::size_t n = x.size();
     SPINQUANT_ASSERT(std::has_single_bit(n));
@@ -460,25 +474,26 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
     }
 }
 
-/// Same with the multiplier kinds chosen at run time. `ahead`: see fwht_window.
+/// Same with the multiplier kinds chosen at run time. `region`: the memory from x.data() on that
+/// the caller transforms now and next (see fwht_window), or empty for no prefetching.
 template <class T, class Arch = xsimd::default_arch>
 void fwht_pow2_scaled(std::span<T> x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
-                      const fwht_window<T>& ahead = {}) noexcept
+                      const fwht_window<T>& region = {}) noexcept
 {
     SPINQUANT_ASSERT(out.kind != fwht_scale::scalar);
     const bool out_vector = out.kind == fwht_scale::vector;
     switch (in.kind) {
     case fwht_scale::none:
         out_vector ? fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::vector>(x, in, out)
-                   : fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::none>(x, in, out, ahead);
+                   : fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::none>(x, in, out, region);
         break;
     case fwht_scale::scalar:
         out_vector ? fwht_pow2_fixed<T, Arch, fwht_scale::scalar, fwht_scale::vector>(x, in, out)
-                   : fwht_pow2_fixed<T, Arch, fwht_scale::scalar, fwht_scale::none>(x, in, out, ahead);
+                   : fwht_pow2_fixed<T, Arch, fwht_scale::scalar, fwht_scale::none>(x, in, out, region);
         break;
     case fwht_scale::vector:
         out_vector ? fwht_pow2_fixed<T, Arch, fwht_scale::vector, fwht_scale::vector>(x, in, out)
-                   : fwht_pow2_fixed<T, Arch, fwht_scale::vector, fwht_scale::none>(x, in, out, ahead);
+                   : fwht_pow2_fixed<T, Arch, fwht_scale::vector, fwht_scale::none>(x, in, out, region);
         break;
     }
 }

@@ -186,7 +186,8 @@ SPINQUANT_FWHT_INLINE void hadamard_mix_group_table(T* e, const T* in, std::size
 /// (one per register column) of 2^G entries of L elements.
 template <unsigned G, std::size_t W, class T, class Arch>
 SPINQUANT_FWHT_FLATTEN void hadamard_mix_strips_g(T* x, std::size_t m, const hadamard_mix_table& t,
-                                                  std::span<T> work, const fwht_multiplier<T>& out) noexcept
+                                                  std::span<T> work, const fwht_multiplier<T>& out,
+                                                  const fwht_window<T>& next) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     constexpr std::size_t lanes = batch::size;
@@ -205,7 +206,10 @@ SPINQUANT_FWHT_FLATTEN void hadamard_mix_strips_g(T* x, std::size_t m, const had
     T* copy = work.data() + skip;
     T* tables = one_round ? copy : copy + k * strip;
     const std::size_t round_groups = one_round ? t.groups : std::min(t.groups, (usable - k * strip) / group_elements);
+    constexpr std::size_t line = 64 / sizeof(T);
     for (std::size_t j = 0; j < m; j += strip) {
+        // The strip's share of `next` (K strip elements) goes to L2 while this strip is mixed.
+        for (std::size_t p = j * k; p < (j + strip) * k && p < next.size; p += line) fwht_prefetch_l2(next.data + p);
         const T* in = x + j;  // input b of the strip: in + b * in_stride
         std::size_t in_stride = m;
         if (!one_round) {
@@ -268,21 +272,22 @@ template <class T, class Arch>
 /// x (K x m, row-major) <- diag(out) (H x), H given by `t`, in place, with strips of
 /// w = hadamard_mix_strip_width(t, m, work.size()) > 0 registers. More workspace lets more groups
 /// share a round (all of them: no copy of the strip). `out` is none, a scalar, or K*m
-/// per-element values. Allocation-free.
+/// per-element values. `next` (the data after x, up to K*m elements) is prefetched into L2 on the
+/// way. Allocation-free.
 template <class T, class Arch>
 void hadamard_mix_strips(T* x, std::size_t m, const hadamard_mix_table& t, std::span<T> work,
-                         const fwht_multiplier<T>& out) noexcept
+                         const fwht_multiplier<T>& out, const fwht_window<T>& next = {}) noexcept
 {
     SPINQUANT_ASSERT((t.lanes == xsimd::batch<T, Arch>::size));
     const std::size_t w = hadamard_mix_strip_width<T, Arch>(t, m, work.size());
     SPINQUANT_ASSERT(w > 0);
     const auto run = [&]<std::size_t W>() {
         switch (t.group_bits) {
-        case 2: hadamard_mix_strips_g<2, W, T, Arch>(x, m, t, work, out); break;
-        case 3: hadamard_mix_strips_g<3, W, T, Arch>(x, m, t, work, out); break;
-        case 4: hadamard_mix_strips_g<4, W, T, Arch>(x, m, t, work, out); break;
-        case 5: hadamard_mix_strips_g<5, W, T, Arch>(x, m, t, work, out); break;
-        default: hadamard_mix_strips_g<6, W, T, Arch>(x, m, t, work, out); break;
+        case 2: hadamard_mix_strips_g<2, W, T, Arch>(x, m, t, work, out, next); break;
+        case 3: hadamard_mix_strips_g<3, W, T, Arch>(x, m, t, work, out, next); break;
+        case 4: hadamard_mix_strips_g<4, W, T, Arch>(x, m, t, work, out, next); break;
+        case 5: hadamard_mix_strips_g<5, W, T, Arch>(x, m, t, work, out, next); break;
+        default: hadamard_mix_strips_g<6, W, T, Arch>(x, m, t, work, out, next); break;
         }
     };
     if constexpr (hadamard_mix_strip_registers<Arch> >= 2)

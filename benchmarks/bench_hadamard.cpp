@@ -1,0 +1,175 @@
+// The Walsh-Hadamard transform on float rows, one thread. Every case transforms a batch of rows in
+// place: a 2^15-float batch (128 KiB, in L2) and a 2^25-float batch (128 MiB, from memory); rows
+// longer than the batch make a batch of one row. Baselines in the same binary, same flags:
+//   textbook   the in-place radix-2 triple loop (for h, for i, for j), left to the compiler
+//   stream     a pass that reads and writes the same bytes (x = -x): the memory-bound ceiling
+//   eigen      the dense product X H^T / sqrt(n) with Eigen (n <= 4096, cached batch only)
+//   two_stage  for K 2^k: the library's power-of-two transform on each of the K rows, then the
+//              mix as an Eigen GEMM with H_K (the plain two-stage method, its first stage as fast
+//              as ours, so the ratio measures the mix)
+//   plan       hadamard_plan<float>::apply_rows (ours)
+// Counters: bytes_per_second counts the batch once (n floats per row), as for every case.
+//
+// Run: bench_hadamard --benchmark_min_time=0.5 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
+// GCC 12 reports _mm512_undefined_ps() inside AVX-512 shuffles (Eigen's GEMM packing, xsimd's
+// swizzle) as maybe uninitialized; the value is never read.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <benchmark/benchmark.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <spinquant/hadamard.hpp>
+
+namespace {
+
+constexpr std::int64_t cached = std::int64_t{1} << 15;
+constexpr std::int64_t memory = std::int64_t{1} << 25;
+
+struct batch {
+    std::size_t n = 0, rows = 0;
+    std::vector<float> data;
+};
+
+batch make_batch(const benchmark::State& state)
+{
+    batch b;
+    b.n = static_cast<std::size_t>(state.range(0));
+    const auto total = static_cast<std::size_t>(state.range(1));
+    b.rows = b.n >= total ? 1 : total / b.n;
+    b.data.resize(b.rows * b.n);
+    std::mt19937 g(1);
+    for (float& v : b.data) v = static_cast<float>(g() % 2001) / 1000.0f - 1.0f;
+    return b;
+}
+
+void finish(benchmark::State& state, const batch& b)
+{
+    state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(b.rows * b.n * sizeof(float)));
+    state.counters["rows"] = static_cast<double>(b.rows);
+}
+
+/// The textbook in-place transform (unnormalised; the 1/sqrt(n) pass is left out in its favour).
+void textbook_fwht(float* x, std::size_t n)
+{
+    for (std::size_t h = 1; h < n; h *= 2)
+        for (std::size_t i = 0; i < n; i += 2 * h)
+            for (std::size_t j = i; j < i + h; ++j) {
+                const float a = x[j];
+                const float b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+}
+
+void BM_textbook(benchmark::State& state)
+{
+    batch b = make_batch(state);
+    for (auto _ : state) {
+        for (std::size_t r = 0; r < b.rows; ++r) textbook_fwht(b.data.data() + r * b.n, b.n);
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish(state, b);
+}
+
+void BM_stream(benchmark::State& state)
+{
+    batch b = make_batch(state);
+    for (auto _ : state) {
+        for (float& v : b.data) v = -v;
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish(state, b);
+}
+
+void BM_eigen(benchmark::State& state)
+{
+    batch b = make_batch(state);
+    using row_major = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const std::vector<float> h = spinquant::hadamard_matrix<float>(b.n);
+    const Eigen::Map<const row_major> hm(h.data(), static_cast<Eigen::Index>(b.n), static_cast<Eigen::Index>(b.n));
+    row_major out(static_cast<Eigen::Index>(b.rows), static_cast<Eigen::Index>(b.n));
+    Eigen::Map<row_major> x(b.data.data(), static_cast<Eigen::Index>(b.rows), static_cast<Eigen::Index>(b.n));
+    for (auto _ : state) {
+        out.noalias() = x * hm.transpose();
+        x = out;  // in place, like the others
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish(state, b);
+}
+
+void BM_two_stage(benchmark::State& state)
+{
+    batch b = make_batch(state);
+    const spinquant::hadamard_plan<float> plan(b.n);
+    const std::size_t k = plan.order(), m = plan.pow2_length();
+    using row_major = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    row_major hk(static_cast<Eigen::Index>(k), static_cast<Eigen::Index>(k));
+    for (std::size_t i = 0; i < k; ++i)
+        for (std::size_t j = 0; j < k; ++j)
+            hk(static_cast<Eigen::Index>(i), static_cast<Eigen::Index>(j)) = plan.order_matrix()[i * k + j];
+    row_major mixed(static_cast<Eigen::Index>(k), static_cast<Eigen::Index>(m));
+    const float scale = plan.scale();
+    for (auto _ : state) {
+        for (std::size_t r = 0; r < b.rows; ++r) {
+            float* row = b.data.data() + r * b.n;
+            for (std::size_t i = 0; i < k; ++i) spinquant::detail::fwht_pow2<float>(std::span<float>(row + i * m, m));
+            Eigen::Map<row_major> x(row, static_cast<Eigen::Index>(k), static_cast<Eigen::Index>(m));
+            mixed.noalias() = hk * x;
+            x = mixed * scale;
+        }
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish(state, b);
+}
+
+void BM_plan(benchmark::State& state)
+{
+    batch b = make_batch(state);
+    const spinquant::hadamard_plan<float> plan(b.n);
+    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
+    for (auto _ : state) {
+        plan.apply_rows(view);
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish(state, b);
+    state.counters["K"] = static_cast<double>(plan.order());
+}
+
+void pow2_sizes(benchmark::internal::Benchmark* b)
+{
+    for (const std::int64_t total : {cached, memory})
+        for (std::int64_t n = 1 << 7; n <= 1 << 16; n *= 2) b->Args({n, total});
+}
+void dense_sizes(benchmark::internal::Benchmark* b)
+{
+    for (std::int64_t n = 1 << 7; n <= 1 << 12; n *= 2) b->Args({n, cached});
+}
+void composite_sizes(benchmark::internal::Benchmark* b)
+{
+    for (const std::int64_t total : {cached, memory})
+        for (const std::int64_t n : {11008, 14336, 18944}) b->Args({n, total});
+}
+
+}  // namespace
+
+BENCHMARK(BM_textbook)->Apply(pow2_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_stream)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_eigen)->Apply(dense_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_two_stage)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_plan)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
+
+BENCHMARK_MAIN();
