@@ -223,6 +223,23 @@ TEST_CASE("fwht works on misaligned data and on spans into larger buffers", "[ha
     for (std::size_t i = 0; i < n; ++i) REQUIRE(middle[i] == aligned[i]);  // same arithmetic, same bits
 }
 
+TEST_CASE("hadamard_plan works on misaligned data with the same results as on aligned data", "[hadamard]")
+{
+    for (const std::size_t n : std::vector<std::size_t>{14336, 11008, 96, 4096}) {
+        INFO("n = " << n);
+        const hadamard_plan<float> plan(n);
+        std::vector<float> buffer = random_vector<float>(n + 2, n);
+        const auto original = buffer;
+        const std::span<float> middle(buffer.data() + 1, n);
+        plan.apply(middle);
+        CHECK(buffer.front() == original.front());
+        CHECK(buffer.back() == original.back());
+        std::vector<float> aligned(original.begin() + 1, original.end() - 1);
+        plan.apply(aligned);
+        for (std::size_t i = 0; i < n; ++i) REQUIRE(middle[i] == aligned[i]);  // same arithmetic, same bits
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // hadamard_plan: sizes, K, coverage
 
