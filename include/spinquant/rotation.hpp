@@ -53,8 +53,8 @@ using rotation_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::
 /// `random_orthogonal_matrix` (which uses torch's RNG, so the values differ).
 ///
 /// The normal draws come from `rng` in row-major order through detail::normal_sampler, so a given
-/// engine state gives the same matrix on every platform (up to the last bit of libm's log); the QR
-/// is computed in double and the result rounded once to T. Determinant +1 or −1, each with
+/// engine state gives the same draws on every platform (up to the last bit of libm's log) and the
+/// same matrix up to the rounding of the QR, computed in double and rounded once to T. Determinant +1 or −1, each with
 /// probability 1/2. Throws errc::bad_argument if n == 0. Allocates; O(n³).
 ///
 /// **Example**

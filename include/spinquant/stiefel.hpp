@@ -37,6 +37,7 @@
 
 #include "concepts.hpp"
 #include "detail/checks.hpp"
+#include "detail/quant_kernels.hpp"
 #include "detail/random.hpp"
 #include "detail/stiefel_kernels.hpp"
 #include "eigen.hpp"
@@ -244,16 +245,37 @@ struct cayley_sgd_options {
 
 namespace detail {
 
-/// True when every element of m is finite (same bit-pattern test as require_finite).
+/// m, or its transpose when that walks along the smaller stride: rows to scan one by one.
+template <class T>
+[[nodiscard]] matrix_view<const T> scan_order(matrix_view<const T> m) noexcept
+{
+    return m.has_contiguous_rows() || m.row_stride >= m.col_stride ? m : m.transposed();
+}
+
+/// True when every element of m is finite (the quantizer's SIMD scan, row by row).
 template <class T>
 [[nodiscard]] bool all_finite(matrix_view<const T> m) noexcept
 {
-    for (std::size_t i = 0; i < m.rows; ++i)
-        for (std::size_t j = 0; j < m.cols; ++j) {
-            const T d = m(i, j) - m(i, j);
-            if (!(d == d)) return false;
-        }
+    const matrix_view<const T> w = scan_order(m);
+    for (std::size_t i = 0; i < w.rows; ++i)
+        if (!run_is_finite<T, xsimd::default_arch>(w.data + i * w.row_stride, w.cols, w.col_stride)) return false;
     return true;
+}
+
+/// ‖m‖²_F accumulated in double.
+template <class T>
+[[nodiscard]] double squared_norm(matrix_view<const T> m) noexcept
+{
+    using row = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>, Eigen::Unaligned, Eigen::InnerStride<>>;
+    const matrix_view<const T> w = scan_order(m);
+    double sum = 0;
+    for (std::size_t i = 0; i < w.rows; ++i)
+        sum += row(w.data + i * w.row_stride, static_cast<Eigen::Index>(w.cols),
+                   Eigen::InnerStride<>(static_cast<Eigen::Index>(std::max<std::size_t>(1, w.col_stride))))
+                   .template cast<double>()
+                   .square()
+                   .sum();
+    return sum;
 }
 
 /// What cayley_sgd and cayley_adam share: parameter shapes, one set of buffers per distinct shape,
@@ -320,7 +342,7 @@ protected:
             if (grads[i].rows != r || grads[i].cols != c) require_shape(grads[i], r, c, where, name("gradient"));
             if (!all_finite(matrix_view<const T>(params[i]))) require_finite(matrix_view<const T>(params[i]), where, name("parameter"));
             if (!all_finite(grads[i])) require_finite(grads[i], where, name("gradient"));
-            sum += spinquant::as_eigen(grads[i]).template cast<double>().squaredNorm();
+            sum += squared_norm(grads[i]);
         }
         last_norm_ = std::sqrt(sum);
         // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1.
@@ -427,9 +449,13 @@ public:
 
     /// One step on all parameters, with the joint gradient norm clipped first. params[i] and
     /// grads[i] have shape(i). Throws, with every parameter untouched, errc::bad_shape for a count or
-    /// shape mismatch, errc::non_finite for NaN/Inf in a parameter or gradient, errc::bad_argument
-    /// (exact mode) for a parameter whose rows are far from orthonormal (‖P·Pᵀ − I‖_F >= 1/2).
-    /// Allocation-free (beyond Eigen's internal GEMM/LU packing buffers for large n).
+    /// shape mismatch, errc::non_finite for NaN/Inf in a parameter or gradient, and (exact mode,
+    /// first step) errc::bad_argument for a parameter whose rows are far from orthonormal
+    /// (‖P·Pᵀ − I‖_F >= 1/2). A parameter the caller changed between later steps is projected back
+    /// at the next polish (its polar factor; that path allocates).
+    /// Allocation-free otherwise: no matrix is allocated, but Eigen's GEMM and LU take their packing
+    /// buffers from the heap when they exceed its stack limit (n above about 100), and the
+    /// reference mode's QR branch allocates.
     void step(std::span<const matrix_view<T>> params, std::span<const matrix_view<const T>> grads)
     {
         constexpr std::string_view where = "cayley_sgd::step";
@@ -553,7 +579,7 @@ public:
     /// The learning rate the next step uses: lr · schedule.factor(steps_taken()).
     [[nodiscard]] double learning_rate() const noexcept { return options_.lr * options_.schedule.factor(this->steps_); }
 
-    /// One step on all parameters; same contract as cayley_sgd::step.
+    /// One step on all parameters; same contract as cayley_sgd::step (exact mode).
     void step(std::span<const matrix_view<T>> params, std::span<const matrix_view<const T>> grads)
     {
         constexpr std::string_view where = "cayley_adam::step";
@@ -569,7 +595,7 @@ public:
             const auto g = spinquant::as_eigen(grads[i]);
             const T b1 = static_cast<T>(options_.beta1);
             m_[i] = b1 * m_[i] + (T(1) - b1) * static_cast<T>(clip) * g;
-            const double gn2 = clip * clip * g.template cast<double>().squaredNorm();
+            const double gn2 = clip * clip * detail::squared_norm(grads[i]);
             v_[i] = options_.beta2 * v_[i] + (1.0 - options_.beta2) * gn2;
             const double r = bias1 * std::sqrt(v_[i] / bias2 + options_.epsilon);
             b.d = (T(-1) / static_cast<T>(r)) * m_[i];
