@@ -601,6 +601,16 @@ TEST_CASE("unsupported sizes are rejected naming the nearest supported sizes", "
         check_message(n, hadamard_source::cheapest);
     for (const std::size_t n : std::vector<std::size_t>{18944, 336, 100}) check_message(n, hadamard_source::reference);
     CHECK_THROWS_AS(hadamard_plan<float>(0), spinquant::error);
+    // Far beyond any plan: the nearest sizes are found without walking the integers.
+    const std::size_t huge = (std::size_t{1} << 40) + 4;
+    CHECK_FALSE(spinquant::has_hadamard(huge));
+    try {
+        (void)hadamard_plan<float>(huge);
+        FAIL("no error");
+    } catch (const spinquant::error& e) {
+        CHECK(e.code() == errc::unsupported_size);
+        CHECK(contains(e.what(), "nearest supported sizes: " + std::to_string(std::size_t{1} << 40) + " and "));
+    }
     CHECK_FALSE(spinquant::has_hadamard(0));
     CHECK_FALSE(spinquant::has_hadamard(668));  // no Hadamard matrix of order 668 is known
 }

@@ -53,10 +53,11 @@
 #endif
 
 /// Stack bytes hadamard_plan::apply may use for the K x K mixing stage when the caller passes no
-/// workspace (define before including to change it; at least 32768). With the default, every K up
-/// to 1008 runs the fast kernel with AVX-512 (K up to 2032 with AVX2), which covers every LLM
-/// dimension we know of; larger K fall back to a scalar O(K^2) column product unless the caller
-/// passes a workspace of workspace_size() elements.
+/// workspace (define before including to change it; at least 32768). With the default, K up to
+/// about 900 runs the fast kernel with AVX-512 floats (K up to about 1900 with AVX2), which covers
+/// every LLM dimension we know of (the largest, Qwen2-72B's 29568, has K = 924); larger K fall
+/// back to a scalar O(K^2) column product unless the caller passes a workspace of
+/// workspace_size() elements.
 #ifndef SPINQUANT_HADAMARD_STACK_BYTES
 #define SPINQUANT_HADAMARD_STACK_BYTES 65536
 #endif
@@ -112,26 +113,31 @@ static_assert(hadamard_stack_bytes >= max_plan_order * sizeof(double), "SPINQUAN
     return 0;
 }
 
-/// " (nearest supported sizes: a and b)" for an unsupported n.
+/// " (nearest supported sizes: a and b)" for an unsupported n: the largest supported size below n
+/// (left out when there is none) and the smallest above. Every supported size is K 2^j for one of
+/// the orders K a plan may use, so the candidates are enumerated order by order: O(max_plan_order
+/// log n) cheap queries, whatever n is.
 [[nodiscard]] inline std::string hadamard_nearest_sizes(std::size_t n, hadamard_source source)
 {
-    // Supported sizes are powers of two or multiples of 4 (Hadamard orders are 1, 2 or 4m).
-    const auto candidate = [](std::size_t v) { return v % 4 == 0 || std::has_single_bit(v); };
-    std::size_t below = 0;
-    for (std::size_t v = n; v-- > 1;)
-        if (candidate(v) && hadamard_order_for(v, source) != 0) {
-            below = v;
-            break;
+    constexpr std::size_t top = ~std::size_t{0};
+    std::size_t below = 0, above = top;
+    const auto consider = [&](std::size_t k) {
+        for (std::size_t v = k; v != 0; v = v <= top / 2 ? 2 * v : 0) {
+            if (hadamard_order_for(v, source) == 0) continue;  // the reference rejects some K 2^j
+            if (v < n && v > below) below = v;
+            if (v > n && v < above) above = v;
         }
-    std::size_t above = 0;
-    for (std::size_t v = n + 1; v != 0; ++v)  // ends at the next power of two at the latest
-        if (candidate(v) && hadamard_order_for(v, source) != 0) {
-            above = v;
-            break;
-        }
+    };
+    consider(1);
+    if (source == hadamard_source::reference) {
+        for (const std::size_t k : reference_dispatch_orders) consider(k);
+    } else {
+        for (std::size_t k = 4; k <= max_plan_order; k += 4)
+            if (!std::has_single_bit(k) && hadamard_order_known(k)) consider(k);
+    }
     std::string s = " (nearest supported sizes: ";
     if (below != 0) s += std::to_string(below) + " and ";
-    return s + std::to_string(above) + ")";
+    return s + (above != top ? std::to_string(above) : std::string("none above")) + ")";
 }
 
 [[noreturn]] inline void fail_unsupported_hadamard(std::string_view where, std::size_t n, hadamard_source source)
@@ -191,7 +197,9 @@ void fwht(V&& x)
 template <real_scalar T, class Arch = xsimd::default_arch>
 class hadamard_plan {
 public:
+    /// The element type the plan transforms.
     using value_type = std::remove_cv_t<T>;
+    /// The xsimd instruction set of its kernels.
     using arch_type = Arch;
 
     /// Plan for size n. Throws errc::unsupported_size (naming the nearest supported sizes) when n

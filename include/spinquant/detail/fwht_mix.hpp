@@ -9,9 +9,12 @@
 // of K. With g = 4 or 5 that is 3 to 4 times fewer operations than the dense product, all of them
 // plain vector adds on SIMD columns of L = lanes elements ("strips").
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <xsimd/xsimd.hpp>
