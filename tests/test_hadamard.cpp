@@ -1,3 +1,4 @@
+#include "support/allocation_counter.hpp"  // first: replaces operator new for this executable
 #include "support/catch.hpp"
 
 #include <algorithm>
@@ -19,50 +20,6 @@
 #include "support/json.hpp"
 #include "support/shared_data.hpp"
 
-// ---------------------------------------------------------------------------------------------
-// Allocation counting: this executable replaces the global allocation functions (all of the
-// plain and nothrow forms, so that sanitizers see matching pairs).
-namespace {
-std::atomic<std::size_t> allocation_count{0};
-}  // namespace
-
-void* operator new(std::size_t size)
-{
-    ++allocation_count;
-    if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-    throw std::bad_alloc();
-}
-void* operator new[](std::size_t size)
-{
-    ++allocation_count;
-    if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-    throw std::bad_alloc();
-}
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept
-{
-    ++allocation_count;
-    return std::malloc(size == 0 ? 1 : size);
-}
-void* operator new[](std::size_t size, const std::nothrow_t&) noexcept
-{
-    ++allocation_count;
-    return std::malloc(size == 0 ? 1 : size);
-}
-// GCC 12 at -O2 sees malloc'd memory reach free through operator delete and calls the pair
-// "mismatched"; here malloc and free are the pair, by construction.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 namespace {
 
@@ -703,18 +660,18 @@ TEST_CASE("fwht and every apply are allocation-free", "[hadamard]")
     std::vector<float> work(ffn.workspace_size());
     const std::span<float> row(x.data(), 29568);
     const std::span<float> ffn_row(x.data(), 11008);
-    const std::size_t before = allocation_count.load();
-    spinquant::fwht(p2);
-    pow2.apply(p2);
-    pow2.apply_inverse(p2);
-    big.apply(row);
-    big.apply_inverse(row);
-    big.apply_rows(spinquant::as_matrix_view(x, 2, 29568));
-    ffn.apply(ffn_row, work);
-    ffn.apply_inverse_rows(spinquant::matrix_view<float>{x.data(), 4, 11008, 11008, 1});
-    small.apply_rows(spinquant::matrix_view<float>{x.data(), 96, 96, 1, 96});  // column-major
-    const std::size_t after = allocation_count.load();
-    CHECK(after == before);
+    const long allocations = spinquant::test::allocations_during([&] {
+        spinquant::fwht(p2);
+        pow2.apply(p2);
+        pow2.apply_inverse(p2);
+        big.apply(row);
+        big.apply_inverse(row);
+        big.apply_rows(spinquant::as_matrix_view(x, 2, 29568));
+        ffn.apply(ffn_row, work);
+        ffn.apply_inverse_rows(spinquant::matrix_view<float>{x.data(), 4, 11008, 11008, 1});
+        small.apply_rows(spinquant::matrix_view<float>{x.data(), 96, 96, 1, 96});  // column-major
+    });
+    CHECK(allocations == 0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,47 +1,7 @@
 // Tests of objective.hpp: values against dense formulas, gradients against finite differences
 // (of the exact loss, and of the straight-through surrogate when quantizers are on), optimisation
 // with the Cayley optimizers, user-supplied objectives, errors and allocation.
-#include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <new>
-
-namespace {
-std::atomic<long> g_news{0};
-std::atomic<bool> g_counting{false};
-[[noreturn]] void eigen_check_failed(const char* what)
-{
-    std::fprintf(stderr, "Eigen check failed: %s\n", what);
-    std::abort();
-}
-}  // namespace
-
-// Eigen heap allocations abort while a test forbids them (also under NDEBUG); operator new counts.
-#define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x) \
-    do { \
-        if (!(x)) eigen_check_failed(#x); \
-    } while (false)
-
-void* operator new(std::size_t size)
-{
-    if (g_counting.load()) ++g_news;
-    if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-    throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) { return ::operator new(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept
-{
-    if (g_counting.load()) ++g_news;
-    return std::malloc(size == 0 ? 1 : size);
-}
-void* operator new[](std::size_t size, const std::nothrow_t& t) noexcept { return ::operator new(size, t); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+#include "support/allocation_counter.hpp"  // first: replaces operator new, forbids Eigen mallocs on request
 
 #include "support/catch.hpp"
 
@@ -410,14 +370,14 @@ TEST_CASE("evaluating an objective allocates nothing after construction", "[obje
     std::mt19937_64 rng(63);
     const row_matrix<float> r = spinquant::random_orthogonal<float>(32, rng);
     row_matrix<float> g(32, 32);
-    g_news = 0;
-    g_counting = true;
-    Eigen::internal::set_is_malloc_allowed(false);
-    const double a = evaluate(f, r, g);
-    const double b = evaluate(k, r, g);
-    Eigen::internal::set_is_malloc_allowed(true);
-    g_counting = false;
-    CHECK(g_news.load() == 0);
+    double a = 0, b = 0;
+    const long allocations = spinquant::test::allocations_during([&] {
+        Eigen::internal::set_is_malloc_allowed(false);
+        a = evaluate(f, r, g);
+        b = evaluate(k, r, g);
+        Eigen::internal::set_is_malloc_allowed(true);
+    });
+    CHECK(allocations == 0);
     CHECK(a > 0);
     CHECK(b > 0);
 }

@@ -3,46 +3,7 @@
 // Allocation checks: Eigen's heap allocations are caught through EIGEN_RUNTIME_NO_MALLOC, with
 // eigen_assert routed to an always-on check (so it also works under NDEBUG), and everything else
 // through a replaced global operator new that counts while a test asks it to.
-#include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <new>
-
-namespace {
-std::atomic<long> g_news{0};
-std::atomic<bool> g_counting{false};
-[[noreturn]] void eigen_check_failed(const char* what)
-{
-    std::fprintf(stderr, "Eigen check failed: %s\n", what);
-    std::abort();
-}
-}  // namespace
-
-#define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x) \
-    do { \
-        if (!(x)) eigen_check_failed(#x); \
-    } while (false)
-
-void* operator new(std::size_t size)
-{
-    if (g_counting.load()) ++g_news;
-    if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-    throw std::bad_alloc();
-}
-void* operator new[](std::size_t size) { return ::operator new(size); }
-void* operator new(std::size_t size, const std::nothrow_t&) noexcept
-{
-    if (g_counting.load()) ++g_news;
-    return std::malloc(size == 0 ? 1 : size);
-}
-void* operator new[](std::size_t size, const std::nothrow_t& t) noexcept { return ::operator new(size, t); }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete[](void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
-void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
-void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+#include "support/allocation_counter.hpp"  // first: replaces operator new, forbids Eigen mallocs on request
 
 #include "support/catch.hpp"
 
@@ -700,22 +661,18 @@ TEST_CASE("optimizer steps allocate nothing after construction", "[stiefel][allo
     cayley_sgd<float> reference({{32, 32}, {8, 32}}, {.lr = 0.01, .mode = cayley_mode::reference, .qr_probability = 0});
     cayley_adam<float> adam({{32, 32}, {8, 32}}, {.lr = 0.05});
     const auto run = [&](auto& opt) {
-        g_news = 0;
-        g_counting = true;
-        Eigen::internal::set_is_malloc_allowed(false);
-        for (int k = 0; k < 40; ++k) opt.step(pv, gv);  // crosses the polish at step 32
-        Eigen::internal::set_is_malloc_allowed(true);
-        g_counting = false;
-        return g_news.load();
+        return spinquant::test::allocations_during([&] {
+            Eigen::internal::set_is_malloc_allowed(false);
+            for (int k = 0; k < 40; ++k) opt.step(pv, gv);  // crosses the polish at step 32
+            Eigen::internal::set_is_malloc_allowed(true);
+        });
     };
     CHECK(run(sgd) == 0);
     CHECK(run(reference) == 0);
     CHECK(run(adam) == 0);
     // The counter does count.
-    g_counting = true;
-    const std::vector<int> probe(100, 1);
-    g_counting = false;
-    CHECK(g_news.load() > 0);
+    std::vector<int> probe;
+    CHECK(spinquant::test::allocations_during([&] { probe.assign(100, 1); }) > 0);
     CHECK(probe.size() == 100);
     CHECK(spinquant::max_orthonormality_error(r1) < 1e-5);
 }

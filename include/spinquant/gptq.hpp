@@ -12,6 +12,8 @@
 ///     scaled from stale weights. Default: from the up-to-date weights.
 ///   * per-row parameters (no groups) are computed before dead input columns are zeroed (their
 ///     weights still widen the range). Default: after.
+///   * asymmetric weights: the reference's fake_quantize ignores the zero point (quantizer.hpp);
+///     reference_compat here implies quant_spec::reference_compat for the fake values.
 ///   * act-order: the reference un-permutes the fake-quantized weight but leaves its exported
 ///     integer codes and scales in the permuted column order (a scrambled checkpoint). Default:
 ///     codes in the original column order, with quantized_matrix::group_index mapping each column
@@ -27,6 +29,7 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Cholesky>
@@ -142,31 +145,41 @@ namespace detail {
 
 [[nodiscard]] inline Eigen::Index eidx(std::size_t n) noexcept { return static_cast<Eigen::Index>(n); }
 
-/// U upper triangular with H^-1 = U^T U, i.e. the reference's chol(cholesky_inverse(chol(H)),
-/// upper=True), from one Cholesky factorisation: with J the reversal, J H J = L L^T gives
-/// H = R R^T for the upper triangular R = J L J, and H^-1 = R^-T R^-1, so U = R^-1 (Cholesky
-/// factors are unique). Returns false when H is not (numerically) positive definite.
-[[nodiscard]] inline bool gptq_inverse_factor(const Eigen::MatrixXd& h, Eigen::MatrixXd& u)
+/// The factor GPTQ needs, without inverting anything. The reference uses U, upper triangular
+/// with H^-1 = U^T U (chol(cholesky_inverse(chol(H)), upper=True)), and updates the weights not
+/// yet quantized by W' = W - E U_strict with errors e_c = (w'_c - q_c) / U_cc. With H = R R^T,
+/// R upper triangular (from J H J = L L^T, R = J L J, J the reversal), U = R^-1, and then
+/// E U = W - Q =: Z, so E = Z R and W' = W - Z R U_strict = W + Z Rt_strict, where Rt is R with
+/// each column divided by its diagonal (R U_strict = I - R diag(U) and U_cc = 1 / R_cc).
+/// So GPTQ needs one Cholesky factorisation and the products with Rt: no inverse, which the
+/// reference's route spends two more factorisations' worth of flops on.
+/// Overwrites h (H + damp, symmetric) with Rt in its upper triangle (unit diagonal) and fills
+/// r_diag with diag(R). Returns false when H is not (numerically) positive definite.
+[[nodiscard]] inline bool gptq_factor(Eigen::MatrixXd& h, std::vector<double>& r_diag)
 {
     const Eigen::Index n = h.rows();
-    const Eigen::MatrixXd hr = h.reverse();  // J H J
-    const Eigen::LLT<Eigen::MatrixXd> llt(hr);
+    h.reverseInPlace();
+    const Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(h);  // in place: L in the lower triangle
     if (llt.info() != Eigen::Success) return false;
-    const Eigen::MatrixXd r = Eigen::MatrixXd(llt.matrixL()).reverse();  // J L J, upper triangular
-    for (Eigen::Index i = 0; i < n; ++i)
-        if (!(r(i, i) > 0.0) || !std::isfinite(r(i, i))) return false;
-    u = Eigen::MatrixXd::Identity(n, n);
-    r.triangularView<Eigen::Upper>().solveInPlace(u);
-    return u.allFinite();
+    h.reverseInPlace();  // R = J L J in the upper triangle
+    r_diag.resize(static_cast<std::size_t>(n));
+    for (Eigen::Index c = 0; c < n; ++c) {
+        const double d = h(c, c);
+        if (!(d > 0.0) || !std::isfinite(d)) return false;
+        r_diag[static_cast<std::size_t>(c)] = d;
+        h.col(c).head(c + 1) /= d;
+    }
+    return true;
 }
 
-/// Per-row parameters of columns [c0, c0 + k) of a double working matrix, computed in T.
-template <class T, class Arch>
-void gptq_params_of(const Eigen::MatrixXd& w, std::size_t c0, std::size_t k, const quant_spec& row_spec,
+/// Per-row parameters of a block of a double working matrix (rows x k), computed in T, into out
+/// (one per row of the block).
+template <class T, class Arch, class D>
+void gptq_params_of(const Eigen::MatrixBase<D>& block, const quant_spec& row_spec,
                     Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>& scratch,
                     std::span<quant_params<T>> out)
 {
-    scratch = w.middleCols(eidx(c0), eidx(k)).template cast<T>();
+    scratch = block.template cast<T>();
     find_params_unchecked<T, Arch>(as_matrix_view(scratch), row_spec, out);
 }
 
@@ -177,14 +190,18 @@ void gptq_params_of(const Eigen::MatrixXd& w, std::size_t c0, std::size_t k, con
 /// granularity::group (group_size inputs per group); spec.clip_search turns on the MSE clip
 /// search for every parameter computation, as the reference's --w_clip.
 /// Steps: dead inputs (H_ii == 0) get H_ii = 1 and a zero weight column; act-order permutes;
-/// damp = damp_ratio * mean(diag H) is added to the diagonal; U with H^-1 = U^T U; then each
-/// column is quantized and its error (w - q) / U_ii subtracted from later columns along row i of U.
+/// damp = damp_ratio * mean(diag H) is added to the diagonal; then each column is quantized and
+/// its error (w - q) / U_ii subtracted from later columns along row i of U, H^-1 = U^T U, exactly
+/// as the reference does, but computed from the Cholesky factor of H alone (no inverse; see
+/// detail::gptq_factor): about in^3/3 + out * in^2 flops, the cost of one factorisation and of
+/// the lazy block updates themselves.
 /// Errors (nothing returned): invalid spec, or a granularity other than row or group
 /// (errc::bad_argument); group_size not dividing in (errc::bad_shape); H not in x in
 /// (errc::bad_shape); NaN/Inf in W or H (errc::non_finite); damp_ratio < 0 or block_size 0
 /// (errc::bad_argument); H + damp not positive definite after options.damp_retries tenfold
 /// increases (errc::not_positive_definite, naming the damp tried).
-/// Allocates (double copies of W and H, the result). O(in^3 + out * in^2).
+/// Allocates (double copies of W and H, the result). O(in^3 + out * in^2); one thread unless
+/// Eigen is built with OpenMP.
 /// **Example** `auto r = spinquant::gptq(W, acc.hessian(), spinquant::quant_spec::weight(4));`
 template <class Arch = xsimd::default_arch, class WM, class HM>
     requires real_matrix<WM> && real_matrix<HM>
@@ -216,73 +233,88 @@ template <class Arch = xsimd::default_arch, class WM, class HM>
     if (!(opts.damp_ratio >= 0.0) || !std::isfinite(opts.damp_ratio))
         detail::fail(errc::bad_argument, "gptq", "options.damp_ratio is " + std::to_string(opts.damp_ratio) + ", expected >= 0");
     if (opts.block_size == 0) detail::fail(errc::bad_argument, "gptq", "options.block_size is 0, expected >= 1");
-    detail::require_finite(wv, "gptq", "W");
-    detail::require_finite(hv, "gptq", "hessian");
+    detail::require_finite_view<T, Arch>(wv, "gptq", "W");
+    detail::require_finite_view<HT, Arch>(hv, "gptq", "hessian");
 
     const bool groups = spec.granularity == granularity::group;
     const std::size_t gs = groups ? spec.group_size : cols;
     const std::size_t ngroups = groups ? cols / gs : 1;
     const bool compat = opts.reference_compat;
-    quant_spec row_spec = spec;  // parameters of a column slice: per-row ranges, 0 included
+    quant_spec fq_spec = spec;  // GPTQ's compat mode implies the quantizer's (symmetric-only fake values)
+    fq_spec.reference_compat = spec.reference_compat || compat;
+    quant_spec row_spec = fq_spec;  // parameters of a column slice: per-row ranges, 0 included
     row_spec.granularity = granularity::row;
     row_spec.group_size = 0;
     row_spec.check_finite = false;
 
     gptq_result<T> res;
-    Eigen::MatrixXd w = as_eigen(wv).template cast<double>();
-    Eigen::MatrixXd h = as_eigen(hv).template cast<double>();
     Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> scratch;
+    const auto hin = as_eigen(hv);
+    std::vector<bool> dead(cols);
+    for (std::size_t j = 0; j < cols; ++j) dead[j] = hin(eidx(j), eidx(j)) == HT(0);
 
+    // Working copy of W in double, original column order. Dead inputs (never active in
+    // calibration, so their weights do not matter) are zeroed, after the reference-compatible
+    // per-row parameters have seen them.
     std::vector<quant_params<T>> row_params(groups ? 0 : rows);  // per-row parameters without groups
-    if (!groups && compat) detail::gptq_params_of<T, Arch>(w, 0, cols, row_spec, scratch, row_params);
-
-    // Dead inputs: never active in calibration, so their weights do not matter; zero them.
+    if (!groups && compat) detail::find_params_unchecked<T, Arch>(wv, row_spec, std::span(row_params));
+    // Row-major like an [out, in] weight: the copy is a straight conversion, not a transpose.
+    Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> w = as_eigen(wv).template cast<double>();
     for (std::size_t j = 0; j < cols; ++j)
-        if (h(eidx(j), eidx(j)) == 0.0) {
-            h(eidx(j), eidx(j)) = 1.0;
-            w.col(eidx(j)).setZero();
-        }
-    if (!groups && !compat) detail::gptq_params_of<T, Arch>(w, 0, cols, row_spec, scratch, row_params);
+        if (dead[j]) w.col(eidx(j)).setZero();
+    if (!groups && !compat) detail::gptq_params_of<T, Arch>(w, row_spec, scratch, std::span(row_params));
 
     std::vector<quant_params<T>> static_params;  // [row][original group]
     if (groups && opts.static_groups) {
         static_params.resize(rows * ngroups);
         std::vector<quant_params<T>> p(rows);
         for (std::size_t g = 0; g < ngroups; ++g) {
-            detail::gptq_params_of<T, Arch>(w, g * gs, gs, row_spec, scratch, p);
+            detail::gptq_params_of<T, Arch>(w.middleCols(eidx(g * gs), eidx(gs)), row_spec, scratch, std::span(p));
             for (std::size_t r = 0; r < rows; ++r) static_params[r * ngroups + g] = p[r];
         }
     }
 
-    // Act-order: decreasing diag H, ties in column order (a stable order; torch's argsort is not).
+    // Act-order: decreasing diag H (dead ones count as 1), ties in column order (a stable order;
+    // torch's argsort is not).
+    const auto diag = [&](std::size_t j) { return dead[j] ? 1.0 : static_cast<double>(hin(eidx(j), eidx(j))); };
     std::vector<Eigen::Index> perm(cols);
     std::iota(perm.begin(), perm.end(), Eigen::Index{0});
     if (opts.act_order) {
-        std::stable_sort(perm.begin(), perm.end(), [&](Eigen::Index a, Eigen::Index b) { return h(a, a) > h(b, b); });
-        w = Eigen::MatrixXd(w(Eigen::all, perm));
-        h = Eigen::MatrixXd(h(perm, perm));
+        std::stable_sort(perm.begin(), perm.end(), [&](Eigen::Index a, Eigen::Index b) {
+            return diag(static_cast<std::size_t>(a)) > diag(static_cast<std::size_t>(b));
+        });
+        w = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>(w(Eigen::all, perm));
         res.permutation.resize(cols);
         for (std::size_t k = 0; k < cols; ++k) res.permutation[k] = static_cast<std::uint32_t>(perm[k]);
     }
 
-    // Dampening and the Cholesky factor of H^-1.
-    double damp = opts.damp_ratio * h.diagonal().mean();
-    Eigen::MatrixXd u;
+    // Dampening and the Cholesky factor of H^-1, built from the input on every attempt.
+    double mean_diag = 0;
+    for (std::size_t j = 0; j < cols; ++j) mean_diag += diag(j);
+    mean_diag /= static_cast<double>(std::max<std::size_t>(cols, 1));
+    double damp = opts.damp_ratio * mean_diag;
+    Eigen::MatrixXd hd(eidx(cols), eidx(cols));  // becomes Rt (see detail::gptq_factor)
+    std::vector<double> r_diag;
     for (unsigned attempt = 0;; ++attempt) {
-        Eigen::MatrixXd hd = h;
-        hd.diagonal().array() += damp;
-        if (detail::gptq_inverse_factor(hd, u)) break;
+        if (opts.act_order)
+            hd = hin(perm, perm).template cast<double>();
+        else
+            hd = hin.template cast<double>();
+        for (std::size_t k = 0; k < cols; ++k)
+            hd(eidx(k), eidx(k)) = diag(static_cast<std::size_t>(perm[k])) + damp;
+        if (detail::gptq_factor(hd, r_diag)) break;
         if (attempt >= opts.damp_retries)
             detail::fail(errc::not_positive_definite, "gptq",
                          "hessian + damp is not positive definite with damp " + std::to_string(damp) + " (" +
                              std::to_string(opts.damp_ratio) + " of the mean diagonal, after " +
                              std::to_string(attempt) + " tenfold retries); raise options.damp_ratio or options.damp_retries");
-        damp = damp > 0.0 ? damp * 10.0 : 1e-8 * std::max(1.0, h.diagonal().cwiseAbs().mean());
+        damp = damp > 0.0 ? damp * 10.0 : 1e-8 * std::max(1.0, std::fabs(mean_diag));
     }
+    const Eigen::MatrixXd& rt = hd;
     res.damp = damp;
 
-    // Blocks. Default: group starts fall on block starts, so the block-outer W is up to date when
-    // a group's parameters are computed (bs a multiple of gs, or a divisor of it).
+    // Blocks. Default: group starts fall on block starts or inside a block that holds the whole
+    // group, so a group's parameters come from current weights (bs a multiple or divisor of gs).
     std::size_t bs = opts.block_size;
     if (groups && !opts.static_groups && !compat) {
         if (gs <= bs) {
@@ -294,98 +326,149 @@ template <class Arch = xsimd::default_arch, class WM, class HM>
         }
     }
 
-    // Outputs in processing order; un-permuted at the end.
-    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> q(eidx(rows), eidx(cols));
-    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> codes(eidx(rows), eidx(cols));
+    // Outputs, written in place: the weight in original column order; codes in the order they
+    // are exported (processing order under reference_compat with act-order).
+    res.permuted_export = compat && opts.act_order;
+    res.weight.resize(eidx(rows), eidx(cols));
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> codes(eidx(rows), eidx(cols));
     std::vector<quant_params<T>> group_params(groups ? rows * ngroups : 0);  // [row][group in processing order]
     std::vector<quant_params<T>> cur(rows);
     if (!groups) cur = row_params;
     const T qlo = static_cast<T>(spec.qmin());
     const T qhi = static_cast<T>(spec.qmax());
     double loss = 0;
-    Eigen::MatrixXd w1, err1;
+
+    // Rows are independent: each block is swept in chunks of rows that stay in cache, and inside
+    // a block the column-by-column updates reach only the next few columns (a sub-block); the
+    // rest of the block gets them as one small product per sub-block. Sub-blocks start at every
+    // group start, so a group's parameters still see current weights.
+    constexpr std::size_t row_chunk = 256;
+    const std::size_t sub = groups && !opts.static_groups && !compat ? std::gcd(std::size_t{16}, gs) : 16;
+    // The fake value is the code's value unless reference_compat's asymmetric weight formula applies.
+    const bool value_from_code = !(fq_spec.reference_compat && spec.role == quant_role::weight && !spec.symmetric);
+    // w holds the current weights W' (lazily: up to date with earlier blocks); z1 the block's
+    // columns of Z = W - Q, which is what the updates multiply (see detail::gptq_factor).
+    Eigen::MatrixXd w1, z1(eidx(rows), eidx(std::min(bs, cols))), held, orig;
+    Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> q_tile(eidx(std::min(row_chunk, rows)), eidx(std::min(bs, cols))),
+        c_tile(q_tile.rows(), q_tile.cols());  // one row chunk of the block's outputs
+    Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> r1;
+    const auto original = [&](std::size_t r, std::size_t c) {  // W after dead inputs were zeroed
+        const auto j = static_cast<std::size_t>(perm[c]);
+        return dead[j] ? 0.0 : static_cast<double>(wv(r, j));
+    };
     for (std::size_t i1 = 0; i1 < cols; i1 += bs) {
         const std::size_t i2 = std::min(i1 + bs, cols);
         const std::size_t cnt = i2 - i1;
-        w1 = w.middleCols(eidx(i1), eidx(cnt));
-        err1.resize(eidx(rows), eidx(cnt));
-        for (std::size_t i = 0; i < cnt; ++i) {
-            const std::size_t c = i1 + i;
-            if (groups) {
-                if (opts.static_groups) {
-                    const std::size_t g = static_cast<std::size_t>(perm[c]) / gs;
-                    for (std::size_t r = 0; r < rows; ++r) cur[r] = static_params[r * ngroups + g];
-                } else if (c % gs == 0) {
-                    // The block-outer W is current at a block start only. compat reads it
-                    // anyway (stale inside a block); the default reads the block copy there,
-                    // which holds the whole group because blocks were aligned to groups above.
-                    if (compat || i == 0)
-                        detail::gptq_params_of<T, Arch>(w, c, gs, row_spec, scratch, cur);
-                    else
-                        detail::gptq_params_of<T, Arch>(w1, i, gs, row_spec, scratch, cur);
-                    for (std::size_t r = 0; r < rows; ++r) group_params[r * ngroups + c / gs] = cur[r];
+        r1 = rt.block(eidx(i1), eidx(i1), eidx(cnt), eidx(cnt));  // row-major: rank-1 updates read rows
+        for (std::size_t r0 = 0; r0 < rows; r0 += row_chunk) {
+            const std::size_t rn = std::min(row_chunk, rows - r0);
+            w1 = w.block(eidx(r0), eidx(i1), eidx(rn), eidx(cnt));  // the reference's block copy W1
+            const std::span<quant_params<T>> cur_rows(cur.data() + r0, rn);
+            for (std::size_t i = 0; i < cnt; ++i) {
+                const std::size_t c = i1 + i;
+                if (groups) {
+                    if (opts.static_groups) {
+                        const std::size_t g = static_cast<std::size_t>(perm[c]) / gs;
+                        for (std::size_t r = 0; r < rn; ++r) cur_rows[r] = static_params[(r0 + r) * ngroups + g];
+                    } else if (c % gs == 0) {
+                        // The weights the reference scales a group from. The block-outer W is
+                        // current at a block start only; compat reads it anyway (stale inside a
+                        // block), the default reads the block copy (which holds the whole group:
+                        // blocks and sub-blocks were aligned to groups). Our lazily-held columns
+                        // are W + S diag(1/R) with S the accumulated numerators, the reference's
+                        // are W + S R^-1 on the trailing block (see detail::gptq_factor); they agree
+                        // on the column being quantized, and for a run of columns starting at
+                        // `from` the reference's values are W + (held - W) Rt^-1 over that run.
+                        const std::size_t from = compat ? i1 : c;
+                        const std::size_t k = c + gs - from;
+                        if (compat || i == 0)
+                            held = w.block(eidx(r0), eidx(from), eidx(rn), eidx(k));
+                        else
+                            held = w1.middleCols(eidx(i), eidx(gs));
+                        orig.resize(eidx(rn), eidx(k));
+                        for (std::size_t j = 0; j < k; ++j)
+                            for (std::size_t r = 0; r < rn; ++r) orig(eidx(r), eidx(j)) = original(r0 + r, from + j);
+                        held -= orig;
+                        rt.block(eidx(from), eidx(from), eidx(k), eidx(k))
+                            .template triangularView<Eigen::UnitUpper>()
+                            .template solveInPlace<Eigen::OnTheRight>(held);
+                        held += orig;
+                        detail::gptq_params_of<T, Arch>(held.rightCols(eidx(gs)), row_spec, scratch, cur_rows);
+                        for (std::size_t r = 0; r < rn; ++r) group_params[(r0 + r) * ngroups + c / gs] = cur_rows[r];
+                    }
                 }
+                const double rc = r_diag[c];  // the reference divides by U_cc = 1 / R_cc
+                const auto quantize_column = [&](auto kind) {
+                    constexpr detail::fq_kind K = decltype(kind)::value;
+                    for (std::size_t r = 0; r < rn; ++r) {
+                        const double wr = w1(eidx(r), eidx(i));
+                        const T wt = static_cast<T>(wr);
+                        const quant_params<T> p = cur_rows[r];
+                        const T code = detail::code_of<T, Arch, K>(wt, p.scale, p.zero, qlo, qhi);
+                        const T qv = value_from_code ? detail::value_of<T, Arch, K>(code, p.scale, p.zero)
+                                                     : fake_quantize_value<Arch>(wt, p, fq_spec);
+                        q_tile(eidx(r), eidx(i)) = qv;
+                        c_tile(eidx(r), eidx(i)) = code;
+                        const double e = (wr - static_cast<double>(qv)) * rc;
+                        z1(eidx(r0 + r), eidx(i)) = original(r0 + r, c) - static_cast<double>(qv);
+                        loss += e * e / 2.0;
+                    }
+                };
+                if (spec.symmetric)
+                    quantize_column(std::integral_constant<detail::fq_kind, detail::fq_kind::symmetric>{});
+                else
+                    quantize_column(std::integral_constant<detail::fq_kind, detail::fq_kind::asymmetric>{});
+                // The reference's W1[:, i:] -= err * U[i, i:], as W1 += z * Rt[i, i:], in two steps.
+                const std::size_t s0 = i - i % sub;
+                const std::size_t s1 = std::min(s0 + sub, cnt);
+                if (i + 1 < s1)
+                    w1.middleCols(eidx(i + 1), eidx(s1 - i - 1)).noalias() +=
+                        z1.block(eidx(r0), eidx(i), eidx(rn), 1) * r1.row(eidx(i)).segment(eidx(i + 1), eidx(s1 - i - 1));
+                if (i + 1 == s1 && s1 < cnt)
+                    w1.rightCols(eidx(cnt - s1)).noalias() +=
+                        z1.block(eidx(r0), eidx(s0), eidx(rn), eidx(s1 - s0)) *
+                        r1.block(eidx(s0), eidx(s1), eidx(s1 - s0), eidx(cnt - s1));
             }
-            const double d = u(eidx(c), eidx(c));
-            for (std::size_t r = 0; r < rows; ++r) {
-                const double wr = w1(eidx(r), eidx(i));
-                const T wt = static_cast<T>(wr);
-                const T qv = fake_quantize_value<Arch>(wt, cur[r], spec);
-                q(eidx(r), eidx(c)) = qv;
-                codes(eidx(r), eidx(c)) = spec.symmetric
-                                             ? detail::code_of<T, Arch, detail::fq_kind::symmetric>(
-                                                   wt, cur[r].scale, cur[r].zero, qlo, qhi)
-                                             : detail::code_of<T, Arch, detail::fq_kind::asymmetric>(
-                                                   wt, cur[r].scale, cur[r].zero, qlo, qhi);
-                const double e = (wr - static_cast<double>(qv)) / d;
-                err1(eidx(r), eidx(i)) = e;
-                loss += e * e / 2.0;
-            }
-            if (i + 1 < cnt)
-                w1.rightCols(eidx(cnt - i - 1)).noalias() -=
-                    err1.col(eidx(i)) * u.row(eidx(c)).segment(eidx(c + 1), eidx(cnt - i - 1));
+            // Out of the tile row by row: contiguous runs unless act-order scatters them.
+            for (std::size_t r = 0; r < rn; ++r)
+                for (std::size_t i = 0; i < cnt; ++i) {
+                    const std::size_t c = i1 + i;
+                    res.weight(eidx(r0 + r), perm[c]) = q_tile(eidx(r), eidx(i));
+                    codes(eidx(r0 + r), res.permuted_export ? eidx(c) : perm[c]) = c_tile(eidx(r), eidx(i));
+                }
         }
         if (i2 < cols)
-            w.rightCols(eidx(cols - i2)).noalias() -=
-                err1 * u.block(eidx(i1), eidx(i2), eidx(cnt), eidx(cols - i2));
+            w.rightCols(eidx(cols - i2)).noalias() +=
+                z1.leftCols(eidx(cnt)) * rt.block(eidx(i1), eidx(i2), eidx(cnt), eidx(cols - i2));
     }
     res.loss = loss;
-
-    // The fake-quantized weight in the original column order.
-    res.weight.resize(eidx(rows), eidx(cols));
-    for (std::size_t k = 0; k < cols; ++k) res.weight.col(perm[k]) = q.col(eidx(k));
 
     // Codes and parameters.
     quantized_matrix<T>& qm = res.quantized;
     quant_spec out_spec = spec;
     out_spec.clip_search.reset();
-    res.permuted_export = compat && opts.act_order;
     detail::shape_quantized(qm, out_spec, rows, cols);
-    for (std::size_t r = 0; r < rows; ++r) {
-        for (std::size_t g = 0; g < (groups ? ngroups : 1); ++g) {
+    const std::size_t per_row = groups ? ngroups : 1;
+    for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t g = 0; g < per_row; ++g) {
             const quant_params<T> p = !groups ? row_params[r]
                                       : opts.static_groups ? static_params[r * ngroups + g]
                                                            : group_params[r * ngroups + g];
-            qm.scales[r * (groups ? ngroups : 1) + g] = p.scale;
-            qm.zeros[r * (groups ? ngroups : 1) + g] = spec.symmetric ? T(0) : p.zero;
+            qm.scales[r * per_row + g] = p.scale;
+            qm.zeros[r * per_row + g] = spec.symmetric ? T(0) : p.zero;
         }
-    }
-    std::vector<T> row_codes(cols);
-    for (std::size_t r = 0; r < rows; ++r) {
-        for (std::size_t k = 0; k < cols; ++k) {
-            const std::size_t dst = res.permuted_export ? k : static_cast<std::size_t>(perm[k]);
-            row_codes[dst] = codes(eidx(r), eidx(k));
-        }
-        detail::pack_codes<T, Arch>(row_codes.data(), cols, 0, spec.bits, qm.codes.data() + r * qm.row_bytes);
-    }
+    for (std::size_t r = 0; r < rows; ++r)
+        detail::pack_codes<T, Arch>(codes.data() + r * cols, cols, 0, spec.bits, qm.codes.data() + r * qm.row_bytes);
     if (groups && opts.act_order) {
         // Which group each stored column belongs to, where that is not j / group_size.
         if (res.permuted_export && opts.static_groups) {
             qm.group_index.resize(cols);
-            for (std::size_t k = 0; k < cols; ++k) qm.group_index[k] = static_cast<std::uint32_t>(static_cast<std::size_t>(perm[k]) / gs);
+            for (std::size_t k = 0; k < cols; ++k)
+                qm.group_index[k] = static_cast<std::uint32_t>(static_cast<std::size_t>(perm[k]) / gs);
         } else if (!res.permuted_export && !opts.static_groups) {
             qm.group_index.resize(cols);
-            for (std::size_t k = 0; k < cols; ++k) qm.group_index[static_cast<std::size_t>(perm[k])] = static_cast<std::uint32_t>(k / gs);
+            for (std::size_t k = 0; k < cols; ++k)
+                qm.group_index[static_cast<std::size_t>(perm[k])] = static_cast<std::uint32_t>(k / gs);
         }
     }
     return res;
