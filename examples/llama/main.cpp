@@ -21,6 +21,7 @@
 #include "generate.hpp"
 #include "model.hpp"
 #include "quant.hpp"
+#include "rotate.hpp"
 #include "tokenizer.hpp"
 
 namespace {
@@ -42,6 +43,12 @@ Options:
   --calib-tokens N      calibration predictions (default: 8192), from the calibration part
   --eval-seed S         seed of the sampled evaluation text (default: 1)
   --calib-seed S        seed of the sampled calibration text (default: 2)
+  --seeds N             rotation seeds of the random and learned rows (default: 3)
+  --steps N             Cayley SGD steps per learned rotation (default: 100, as the reference)
+  --lr X                Cayley SGD learning rate (default: 1.5, as the reference)
+  --methods LIST        comma-separated subset of rtn,hadamard,no_had,had (default: all)
+  --save-rotations DIR  write each seed's learned rotations to DIR/rotations_seed<S>.bin
+  --load-rotations DIR  read learned rotations from DIR/rotations_seed<S>.bin instead of learning
   --csv PATH            write the rows as CSV (method,bits,weights,seed,ppl,kl,top1)
   --json PATH           write the protocol, rows and summary as JSON
   --greedy N            print the greedy continuation of BOS (N tokens, as run.c -t 0) and exit
@@ -61,6 +68,11 @@ struct options {
     std::size_t calib_tokens = 8192;
     std::uint64_t eval_seed = 1;
     std::uint64_t calib_seed = 2;
+    std::size_t seeds = 3;
+    std::size_t steps = 100;
+    double lr = 1.5;
+    std::vector<std::string> methods = {"rtn", "hadamard", "no_had", "had"};
+    std::optional<std::filesystem::path> save_rotations, load_rotations;
     std::optional<std::filesystem::path> csv, json;
     std::optional<std::size_t> greedy;
     bool bench = false;
@@ -119,6 +131,31 @@ options parse(int argc, char** argv)
             o.eval_seed = parse_number(a, value());
         } else if (a == "--calib-seed") {
             o.calib_seed = parse_number(a, value());
+        } else if (a == "--seeds") {
+            o.seeds = parse_number(a, value());
+        } else if (a == "--steps") {
+            o.steps = parse_number(a, value());
+        } else if (a == "--lr") {
+            const std::string& v = value();
+            std::size_t used = 0;
+            try {
+                o.lr = std::stod(v, &used);
+            } catch (const std::exception&) {
+                used = 0;
+            }
+            if (used != v.size() || !(o.lr > 0)) bad_usage("--lr expects a positive number, got '" + v + "'");
+        } else if (a == "--methods") {
+            o.methods.clear();
+            std::stringstream list(value());
+            for (std::string m; std::getline(list, m, ',');) {
+                if (m != "rtn" && m != "hadamard" && m != "no_had" && m != "had")
+                    bad_usage("--methods: unknown method '" + m + "' (expected rtn, hadamard, no_had, had)");
+                o.methods.push_back(m);
+            }
+        } else if (a == "--save-rotations") {
+            o.save_rotations = value();
+        } else if (a == "--load-rotations") {
+            o.load_rotations = value();
         } else if (a == "--csv") {
             o.csv = value();
         } else if (a == "--json") {
@@ -133,6 +170,7 @@ options parse(int argc, char** argv)
     }
     if (o.window == 0 || o.eval_tokens < o.window || o.calib_tokens < o.window)
         bad_usage("--eval-tokens and --calib-tokens must be at least --window, which must be > 0");
+    if (o.seeds == 0) bad_usage("--seeds must be at least 1");
     return o;
 }
 
@@ -271,25 +309,71 @@ int run(const options& o)
     std::vector<llama::result_row> rows;
     rows.push_back({"FP", "FP", "FP", std::nullopt, ref.fp});
 
-    // No rotation ("RTN" in the paper's tables), with W4 weights rounded to nearest or by GPTQ on
-    // the calibration set; each weight variant is computed once and shared by the three rows.
+    // Each method is a rotated (or plain) model, its W4 weights by RTN or by GPTQ on the
+    // calibration set (computed once per method and seed, shared by the three bit settings).
+    const auto wanted = [&](const char* m) { return std::find(o.methods.begin(), o.methods.end(), m) != o.methods.end(); };
+    const llama::online_rotations online(c);
     const auto w4 = llama::quant_config::bits(4, 16, 16);
-    std::vector<std::pair<std::string, llama::model>> weights;
-    weights.emplace_back("RTN", fp);
-    llama::quantize_weights_rtn(weights.back().second, w4);
-    const auto t_gptq = std::chrono::steady_clock::now();
-    weights.emplace_back("GPTQ", fp);
-    llama::quantize_weights_gptq(weights.back().second, w4, calib);
-    std::cout << "  GPTQ on " << calib.predictions() << " calibration tokens: " << seconds_since(t_gptq) << " s"
-              << std::endl;
-    for (const auto& [name, m] : weights)
-        for (const auto& q : {llama::quant_config::bits(4, 16, 16), llama::quant_config::bits(4, 8, 8),
-                              llama::quant_config::bits(4, 4, 4)}) {
+    const auto settings = {llama::quant_config::bits(4, 16, 16), llama::quant_config::bits(4, 8, 8), llama::quant_config::bits(4, 4, 4)};
+    const auto evaluate_method = [&](const std::string& method, const llama::rotation_set* rotations, bool had,
+                                     std::optional<std::uint64_t> seed) {
+        const llama::model base = rotations ? llama::rotated_model(fp, *rotations, had ? &online : nullptr) : fp;
+        for (const char* weights : {"RTN", "GPTQ"}) {
+            llama::model m = base;
+            auto wq = w4;
+            wq.online_r4 = had;
             const auto t = std::chrono::steady_clock::now();
-            rows.push_back({"RTN", q.label(), name, std::nullopt, llama::evaluate(m, llama::make_quant_hooks(c, q), eval, ref)});
-            std::cout << "  RTN " << q.label() << " " << name << " weights: evaluated in " << seconds_since(t) << " s ("
-                      << seconds_since(t) / fp_seconds << "x the full-precision pass)" << std::endl;
+            if (std::string_view(weights) == "RTN")
+                llama::quantize_weights_rtn(m, wq);
+            else
+                llama::quantize_weights_gptq(m, wq, calib, &online);
+            const double t_weights = seconds_since(t);
+            for (auto q : settings) {
+                q.online_r3 = q.online_r4 = had;
+                const auto te = std::chrono::steady_clock::now();
+                rows.push_back({method, q.label(), weights, seed, llama::evaluate(m, llama::make_quant_hooks(c, q, &online), eval, ref)});
+                std::printf("  %-16s %-9s %-4s weights%s: ppl %7.3f  (weights %.2f s, evaluation %.2f s)\n", method.c_str(),
+                            q.label().c_str(), weights, seed ? (" seed " + std::to_string(*seed)).c_str() : "",
+                            rows.back().m.ppl, t_weights, seconds_since(te));
+                std::fflush(stdout);
+            }
         }
+    };
+
+    // No rotation ("RTN" in the paper's tables).
+    if (wanted("rtn")) evaluate_method("RTN", nullptr, false, std::nullopt);
+    // Random Hadamard R1/R2 with online R3/R4 (QuaRot-style), and learned R1/R2 without
+    // (SpinQuant no_had) and with (SpinQuant had) the online Hadamards, per seed.
+    llama::learning_options learn;
+    learn.steps = o.steps;
+    learn.lr = o.lr;
+    learn.progress = &std::cout;
+    for (std::uint64_t seed = 0; seed < o.seeds; ++seed) {
+        if (wanted("hadamard")) {
+            const auto r = llama::random_hadamard_rotations(c, seed);
+            evaluate_method("random Hadamard", &r, true, seed);
+        }
+        if (!wanted("no_had") && !wanted("had")) continue;
+        llama::rotation_set learned;
+        const std::string file = "rotations_seed" + std::to_string(seed) + ".bin";
+        if (o.load_rotations) {
+            learned = spinquant::load_rotations<float>(*o.load_rotations / file);
+            std::cout << "  rotations of seed " << seed << " read from " << (*o.load_rotations / file).string() << "\n";
+        } else {
+            const auto t = std::chrono::steady_clock::now();
+            llama::learning_report rep;
+            std::cout << "  learning R1 and R2 (seed " << seed << ", " << learn.steps << " Cayley SGD steps each, lr " << learn.lr
+                      << ") for W4A4KV4 on " << calib.predictions() << " calibration tokens\n";
+            learned = llama::learn_rotations(fp, calib, llama::quant_config::bits(4, 4, 4), seed, learn, calib.predictions(), &rep);
+            std::printf("  learned in %.2f s: R1 loss %.5g -> %.5g\n", seconds_since(t), rep.r1_before, rep.r1_after);
+        }
+        if (o.save_rotations) {
+            std::filesystem::create_directories(*o.save_rotations);
+            spinquant::save_rotations(*o.save_rotations / file, learned);
+        }
+        if (wanted("no_had")) evaluate_method("SpinQuant no_had", &learned, false, seed);
+        if (wanted("had")) evaluate_method("SpinQuant had", &learned, true, seed);
+    }
 
     llama::write_table(std::cout, llama::summarize(rows));
     std::cout << "\nfull-precision pass: " << fp_seconds << " s (" << static_cast<double>(protocol.predictions) / fp_seconds

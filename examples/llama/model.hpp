@@ -23,6 +23,7 @@
 #include <spinquant/concepts.hpp>
 #include <spinquant/detail/checks.hpp>
 #include <spinquant/error.hpp>
+#include <spinquant/transformer.hpp>
 
 namespace llama {
 
@@ -281,3 +282,19 @@ private:
 }
 
 }  // namespace llama
+
+/// llama::model as a spinquant::transformer_model: its classifier is always its own matrix (a tied
+/// file gets a copy at load), so no untie is needed.
+template <>
+struct spinquant::transformer_traits<llama::model> {
+    static std::size_t layer_count(const llama::model& m) noexcept { return m.layers.size(); }
+    static std::size_t head_dim(const llama::model& m) noexcept { return m.config.head_size(); }
+    static spinquant::matrix_view<float> embedding(llama::model& m) noexcept { return m.token_embedding.view(); }
+    static spinquant::matrix_view<float> lm_head(llama::model& m) noexcept { return m.classifier.view(); }
+    static std::span<float> final_norm(llama::model& m) noexcept { return m.final_norm; }
+    static spinquant::transformer_layer<float> layer(llama::model& m, std::size_t l) noexcept
+    {
+        llama::layer_weights& w = m.layers[l];
+        return {w.attn_norm, w.ffn_norm, w.wq.view(), w.wk.view(), w.wv.view(), w.wo.view(), w.w1.view(), w.w3.view(), w.w2.view()};
+    }
+};

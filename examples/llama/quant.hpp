@@ -154,7 +154,7 @@ inline void check_bits(int bits, const char* what, const char* where)
 /// Must run before the weights are quantized.
 inline void merge_r4(model& m, const online_rotations& rot)
 {
-    for (auto& lw : m.layers) rot.r4.apply_rows(lw.w2.view());
+    spinquant::merge_online_r4(m, rot.r4);
 }
 
 /// RTN: fake-quantizes the weights of every linear layer except lm_head (and the embedding) with
@@ -164,9 +164,7 @@ inline void quantize_weights_rtn(model& m, const quant_config& q)
 {
     detail::check_bits(q.w_bits, "w_bits", "llama::quantize_weights_rtn");
     if (q.w_bits >= 16) return;
-    const auto spec = spinquant::quant_spec::weight(q.w_bits, q.w_symmetric, 0, q.w_clip);
-    for (auto& lw : m.layers)
-        for (matrix* w : {&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.w1, &lw.w2, &lw.w3}) spinquant::fake_quantize(w->view(), spec);
+    spinquant::quantize_weights(m, spinquant::quant_spec::weight(q.w_bits, q.w_symmetric, 0, q.w_clip));
 }
 
 /// GPTQ as SpinQuant's gptq_fwrd runs it (REFERENCE.md §1f): blocks one after another, each
