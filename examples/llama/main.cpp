@@ -46,9 +46,13 @@ Options:
   --seeds N             rotation seeds of the random and learned rows (default: 3)
   --steps N             Cayley SGD steps per learned rotation (default: 100, as the reference)
   --lr X                Cayley SGD learning rate (default: 1.5, as the reference)
-  --methods LIST        comma-separated subset of rtn,hadamard,no_had,had (default: all)
-  --save-rotations DIR  write each seed's learned rotations to DIR/rotations_seed<S>.bin
-  --load-rotations DIR  read learned rotations from DIR/rotations_seed<S>.bin instead of learning
+  --methods LIST        comma-separated subset of rtn,hadamard,no_had,had,e2e (default: all);
+                        e2e = SpinQuant had with R1/R2 learned on the quantized network's
+                        cross-entropy (straight-through gradients), the others use the
+                        layer-wise objectives
+  --batch N             calibration sequences per step of the end-to-end learning (default: 8)
+  --save-rotations DIR  write each seed's learned rotations to DIR/rotations_<layerwise|e2e>_seed<S>.bin
+  --load-rotations DIR  read learned rotations from those files instead of learning
   --csv PATH            write the rows as CSV (method,bits,weights,seed,ppl,kl,top1)
   --json PATH           write the protocol, rows and summary as JSON
   --greedy N            print the greedy continuation of BOS (N tokens, as run.c -t 0) and exit
@@ -71,7 +75,8 @@ struct options {
     std::size_t seeds = 3;
     std::size_t steps = 100;
     double lr = 1.5;
-    std::vector<std::string> methods = {"rtn", "hadamard", "no_had", "had"};
+    std::vector<std::string> methods = {"rtn", "hadamard", "no_had", "had", "e2e"};
+    std::size_t batch = 8;
     std::optional<std::filesystem::path> save_rotations, load_rotations;
     std::optional<std::filesystem::path> csv, json;
     std::optional<std::size_t> greedy;
@@ -148,10 +153,13 @@ options parse(int argc, char** argv)
             o.methods.clear();
             std::stringstream list(value());
             for (std::string m; std::getline(list, m, ',');) {
-                if (m != "rtn" && m != "hadamard" && m != "no_had" && m != "had")
-                    bad_usage("--methods: unknown method '" + m + "' (expected rtn, hadamard, no_had, had)");
+                if (m != "rtn" && m != "hadamard" && m != "no_had" && m != "had" && m != "e2e")
+                    bad_usage("--methods: unknown method '" + m + "' (expected rtn, hadamard, no_had, had, e2e)");
                 o.methods.push_back(m);
             }
+        } else if (a == "--batch") {
+            o.batch = parse_number(a, value());
+            if (o.batch == 0) bad_usage("--batch must be at least 1");
         } else if (a == "--save-rotations") {
             o.save_rotations = value();
         } else if (a == "--load-rotations") {
@@ -353,26 +361,45 @@ int run(const options& o)
             const auto r = llama::random_hadamard_rotations(c, seed);
             evaluate_method("random Hadamard", &r, true, seed);
         }
-        if (!wanted("no_had") && !wanted("had")) continue;
-        llama::rotation_set learned;
-        const std::string file = "rotations_seed" + std::to_string(seed) + ".bin";
-        if (o.load_rotations) {
-            learned = spinquant::load_rotations<float>(*o.load_rotations / file);
-            std::cout << "  rotations of seed " << seed << " read from " << (*o.load_rotations / file).string() << "\n";
-        } else {
-            const auto t = std::chrono::steady_clock::now();
-            llama::learning_report rep;
-            std::cout << "  learning R1 and R2 (seed " << seed << ", " << learn.steps << " Cayley SGD steps each, lr " << learn.lr
-                      << ") for W4A4KV4 on " << calib.predictions() << " calibration tokens\n";
-            learned = llama::learn_rotations(fp, calib, llama::quant_config::bits(4, 4, 4), seed, learn, calib.predictions(), &rep);
-            std::printf("  learned in %.2f s: R1 loss %.5g -> %.5g\n", seconds_since(t), rep.r1_before, rep.r1_after);
+        // Learned rotations, read from --load-rotations or learned and optionally saved.
+        const auto learned_rotations = [&](const std::string& kind, auto&& learn_them) {
+            const std::string file = "rotations_" + kind + "_seed" + std::to_string(seed) + ".bin";
+            llama::rotation_set r;
+            if (o.load_rotations) {
+                r = spinquant::load_rotations<float>(*o.load_rotations / file);
+                std::cout << "  rotations read from " << (*o.load_rotations / file).string() << "\n";
+            } else {
+                const auto t = std::chrono::steady_clock::now();
+                llama::learning_report rep;
+                r = learn_them(rep);
+                std::printf("  learned in %.2f s: loss %.5g -> %.5g\n", seconds_since(t), rep.r1_before, rep.r1_after);
+            }
+            if (o.save_rotations) {
+                std::filesystem::create_directories(*o.save_rotations);
+                spinquant::save_rotations(*o.save_rotations / file, r);
+            }
+            return r;
+        };
+        if (wanted("no_had") || wanted("had")) {
+            const auto learned = learned_rotations("layerwise", [&](llama::learning_report& rep) {
+                std::cout << "  learning R1, then each R2 (seed " << seed << ", " << learn.steps << " Cayley SGD steps each, lr "
+                          << learn.lr << ") on the layer-wise W4A4KV4 objectives, " << calib.predictions() << " calibration tokens\n";
+                return llama::learn_rotations(fp, calib, llama::quant_config::bits(4, 4, 4), seed, learn, calib.predictions(), &rep);
+            });
+            if (wanted("no_had")) evaluate_method("SpinQuant no_had", &learned, false, seed);
+            if (wanted("had")) evaluate_method("SpinQuant had", &learned, true, seed);
         }
-        if (o.save_rotations) {
-            std::filesystem::create_directories(*o.save_rotations);
-            spinquant::save_rotations(*o.save_rotations / file, learned);
+        if (wanted("e2e")) {
+            auto q = llama::quant_config::bits(4, 4, 4);
+            q.online_r3 = q.online_r4 = true;
+            const auto learned = learned_rotations("e2e", [&](llama::learning_report& rep) {
+                std::cout << "  learning R1 and every R2 jointly (seed " << seed << ", " << learn.steps << " Cayley SGD steps, lr "
+                          << learn.lr << ") on the cross-entropy of the W4A4KV4 network with R3/R4, " << o.batch
+                          << " calibration sequences per step\n";
+                return llama::learn_rotations_end_to_end(fp, calib, q, &online, seed, learn, o.batch, &rep);
+            });
+            evaluate_method("SpinQuant had (end-to-end loss)", &learned, true, seed);
         }
-        if (wanted("no_had")) evaluate_method("SpinQuant no_had", &learned, false, seed);
-        if (wanted("had")) evaluate_method("SpinQuant had", &learned, true, seed);
     }
 
     llama::write_table(std::cout, llama::summarize(rows));

@@ -13,7 +13,10 @@
 ///       per-head activation groups, plus the V-cache error ‖Q(V·R2) − V·R2‖² (an identity
 ///       "layer" without a weight quantizer), both over diag(R2, …, R2).
 /// Since these proxies never see R3 or R4, SpinQuant "no_had" and "had" learn the same R1/R2; the
-/// two differ in the online Hadamards applied at evaluation.
+/// two differ in the online Hadamards applied at evaluation. `learn_rotations_end_to_end` learns
+/// R1 and every R2 jointly on SpinQuant's own loss instead: the cross-entropy of the whole
+/// quantized network (e2e_loss.hpp, straight-through gradients through every quantizer).
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -32,6 +35,7 @@
 #include <spinquant/stiefel.hpp>
 #include <spinquant/transformer.hpp>
 
+#include "e2e_loss.hpp"
 #include "eval.hpp"
 #include "forward.hpp"
 #include "model.hpp"
@@ -184,29 +188,52 @@ private:
     rows full_, grad_;
 };
 
-/// Cayley SGD with the reference schedule on `f` from `r` (updated in place); prints progress.
+/// Cayley SGD with the reference schedule on `f` over the rotations `r` (updated in place, one
+/// optimizer over all of them, so gradient clipping is joint as in the reference's trainer);
+/// prints step, loss and the largest orthonormality error. Returns the loss before each step and
+/// the final one.
 template <class F>
-std::vector<double> run_cayley_sgd(F& f, spinquant::rotation_matrix<float>& r, const learning_options& o, const std::string& name)
+std::vector<double> run_cayley_sgd(F& f, std::span<spinquant::rotation_matrix<float>* const> r, const learning_options& o,
+                                   const std::string& name)
 {
-    spinquant::cayley_sgd<float> opt(static_cast<std::size_t>(r.rows()),
-                                     {.lr = o.lr, .max_grad_norm = o.max_grad_norm, .schedule = {.total_steps = o.steps}});
-    spinquant::rotation_matrix<float> g(r.rows(), r.cols());
+    std::vector<spinquant::stiefel_shape> shapes;
+    std::vector<spinquant::rotation_matrix<float>> g;
+    std::vector<spinquant::matrix_view<float>> rv, gv;
+    std::vector<spinquant::matrix_view<const float>> rc, gc;
+    for (auto* m : r) {
+        shapes.push_back({static_cast<std::size_t>(m->rows()), static_cast<std::size_t>(m->cols())});
+        g.emplace_back(m->rows(), m->cols());
+    }
+    for (std::size_t i = 0; i < r.size(); ++i) {
+        rv.push_back(spinquant::as_matrix_view(*r[i]));
+        rc.push_back(rv.back());
+        gv.push_back(spinquant::as_matrix_view(g[i]));
+        gc.push_back(gv.back());
+    }
+    spinquant::cayley_sgd<float> opt(shapes, {.lr = o.lr, .max_grad_norm = o.max_grad_norm, .schedule = {.total_steps = o.steps}});
     std::vector<double> losses;
     for (std::size_t k = 0; k <= o.steps; ++k) {
-        const spinquant::matrix_view<const float> rv = spinquant::as_matrix_view(std::as_const(r));
-        const spinquant::matrix_view<float> gv = spinquant::as_matrix_view(g);
-        const double loss = f(std::span<const spinquant::matrix_view<const float>>(&rv, 1), std::span<const spinquant::matrix_view<float>>(&gv, 1));
+        const double loss = f(std::span<const spinquant::matrix_view<const float>>(rc), std::span<const spinquant::matrix_view<float>>(gv));
         losses.push_back(loss);
         if (o.progress && (k % o.every == 0 || k == o.steps)) {
+            double orth = 0;
+            for (auto* m : r) orth = std::max(orth, spinquant::max_orthonormality_error(*m));
             char line[160];
-            std::snprintf(line, sizeof line, "    %-4s step %3zu  loss %.6g  |R^T R - I|max %.1e\n", name.c_str(), k, loss,
-                          spinquant::max_orthonormality_error(r));
+            std::snprintf(line, sizeof line, "    %-4s step %3zu  loss %.6g  |R^T R - I|max %.1e\n", name.c_str(), k, loss, orth);
             *o.progress << line << std::flush;
         }
         if (k == o.steps) break;
-        opt.step(r, g);
+        opt.step(std::span<const spinquant::matrix_view<float>>(rv), std::span<const spinquant::matrix_view<const float>>(gc));
     }
     return losses;
+}
+
+/// run_cayley_sgd for one rotation.
+template <class F>
+std::vector<double> run_cayley_sgd(F& f, spinquant::rotation_matrix<float>& r, const learning_options& o, const std::string& name)
+{
+    spinquant::rotation_matrix<float>* const one[1] = {&r};
+    return run_cayley_sgd(f, std::span<spinquant::rotation_matrix<float>* const>(one), o, name);
 }
 
 }  // namespace detail
@@ -281,6 +308,31 @@ struct learning_report {
         }
     }
     if (report) *report = rep;
+    return r;
+}
+
+/// Learns R1 and every R2 jointly on SpinQuant's own objective (REFERENCE.md §1e): the mean
+/// cross-entropy of the rotated network quantized as `q` (weights RTN with straight-through
+/// gradients, activations, KV cache, and the online R3/R4 when q.online_r3 / q.online_r4, which
+/// then need `rot`), on `batch` calibration sequences per step (llama::end_to_end_loss), starting
+/// from random_hadamard_rotations(fp.config, seed), with one Cayley SGD over all rotations
+/// (joint gradient clipping). `report` gets the first and last step's loss as r1_before/after.
+/// Errors: those of end_to_end_loss.
+[[nodiscard]] inline rotation_set learn_rotations_end_to_end(const model& fp, const eval_set& calib, const quant_config& q,
+                                                             const online_rotations* rot, std::uint64_t seed,
+                                                             const learning_options& options, std::size_t batch,
+                                                             learning_report* report = nullptr)
+{
+    const model fused = rotated_model(fp, {}, q.online_r4 ? rot : nullptr);
+    end_to_end_loss loss(fused, q, rot, calib, batch);
+    rotation_set r = random_hadamard_rotations(fp.config, seed);
+    std::vector<spinquant::rotation_matrix<float>*> all = {&r.r1};
+    for (auto& r2 : r.r2) all.push_back(&r2);
+    const auto h = detail::run_cayley_sgd(loss, std::span<spinquant::rotation_matrix<float>* const>(all), options, "CE");
+    if (report) {
+        report->r1_before = h.front();
+        report->r1_after = h.back();
+    }
     return r;
 }
 
