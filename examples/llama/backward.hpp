@@ -189,13 +189,28 @@ void rope_backward(basic_rows<T>& g, std::size_t head_size, const basic_rope_tab
     }
 }
 
-inline void require_matrix(std::size_t rows, std::size_t cols, std::size_t want_rows, std::size_t want_cols,
-                           std::string_view where, const std::string& what)
+/// errc::bad_shape unless rows x cols is want_rows x want_cols. `name()` gives the argument's
+/// name and is only called to report a failure, so a passing check builds no string.
+template <class Name>
+void require_matrix(std::size_t rows, std::size_t cols, std::size_t want_rows, std::size_t want_cols,
+                    std::string_view where, const Name& name)
 {
     if (rows != want_rows || cols != want_cols)
         spinquant::detail::fail(spinquant::errc::bad_shape, where,
-                                what + " is " + spinquant::detail::shape_string(rows, cols) + ", expected " +
+                                std::string(name()) + " is " + spinquant::detail::shape_string(rows, cols) + ", expected " +
                                     spinquant::detail::shape_string(want_rows, want_cols));
+}
+
+/// errc::non_finite when an element of v is NaN or infinite; `name()` as in require_matrix.
+template <class T, class Name>
+void require_finite_matrix(spinquant::matrix_view<const T> v, std::string_view where, const Name& name)
+{
+    for (std::size_t i = 0; i < v.rows; ++i)
+        for (std::size_t j = 0; j < v.cols; ++j)
+            if (!std::isfinite(v(i, j)))
+                spinquant::detail::fail(spinquant::errc::non_finite, where,
+                                        std::string(name()) + " has a non-finite value at (" + std::to_string(i) + ", " +
+                                            std::to_string(j) + ")");
 }
 
 inline void require_length(std::size_t n, std::size_t want, std::string_view where, const std::string& what)
@@ -217,21 +232,23 @@ inline void check_model_shapes(const model& m, std::string_view where)
                                 "the model has " + std::to_string(m.layers.size()) + " layers, its config says " +
                                     std::to_string(c.n_layers));
     const std::size_t d = c.dim, kv = c.kv_dim(), hid = c.hidden_dim;
-    require_matrix(m.token_embedding.rows, m.token_embedding.cols, c.vocab_size, d, where, "token_embedding");
-    require_matrix(m.classifier.rows, m.classifier.cols, c.vocab_size, d, where, "classifier");
+    const auto named = [](const char* n) { return [n] { return std::string(n); }; };
+    require_matrix(m.token_embedding.rows, m.token_embedding.cols, c.vocab_size, d, where, named("token_embedding"));
+    require_matrix(m.classifier.rows, m.classifier.cols, c.vocab_size, d, where, named("classifier"));
     require_length(m.final_norm.size(), d, where, "final_norm");
     for (std::size_t l = 0; l < c.n_layers; ++l) {
         const layer_weights& w = m.layers[l];
         const std::string p = "layer " + std::to_string(l) + " ";
+        const auto in_layer = [&p](const char* n) { return [&p, n] { return p + n; }; };
         require_length(w.attn_norm.size(), d, where, p + "attn_norm");
         require_length(w.ffn_norm.size(), d, where, p + "ffn_norm");
-        require_matrix(w.wq.rows, w.wq.cols, d, d, where, p + "wq");
-        require_matrix(w.wk.rows, w.wk.cols, kv, d, where, p + "wk");
-        require_matrix(w.wv.rows, w.wv.cols, kv, d, where, p + "wv");
-        require_matrix(w.wo.rows, w.wo.cols, d, d, where, p + "wo");
-        require_matrix(w.w1.rows, w.w1.cols, hid, d, where, p + "w1");
-        require_matrix(w.w2.rows, w.w2.cols, d, hid, where, p + "w2");
-        require_matrix(w.w3.rows, w.w3.cols, hid, d, where, p + "w3");
+        require_matrix(w.wq.rows, w.wq.cols, d, d, where, in_layer("wq"));
+        require_matrix(w.wk.rows, w.wk.cols, kv, d, where, in_layer("wk"));
+        require_matrix(w.wv.rows, w.wv.cols, kv, d, where, in_layer("wv"));
+        require_matrix(w.wo.rows, w.wo.cols, d, d, where, in_layer("wo"));
+        require_matrix(w.w1.rows, w.w1.cols, hid, d, where, in_layer("w1"));
+        require_matrix(w.w2.rows, w.w2.cols, d, hid, where, in_layer("w2"));
+        require_matrix(w.w3.rows, w.w3.cols, hid, d, where, in_layer("w3"));
     }
 }
 
@@ -499,13 +516,13 @@ private:
             spinquant::detail::fail(spinquant::errc::bad_shape, where,
                                     std::to_string(r2.size()) + " R2 rotations, expected one per layer (" +
                                         std::to_string(cfg_.n_layers) + ")");
-        detail::require_matrix(r1.rows, r1.cols, cfg_.dim, cfg_.dim, where, "R1");
+        const auto r1_name = [] { return std::string("R1"); };
+        const auto r2_name = [](std::size_t l) { return [l] { return "R2 of layer " + std::to_string(l); }; };
+        detail::require_matrix(r1.rows, r1.cols, cfg_.dim, cfg_.dim, where, r1_name);
         for (std::size_t l = 0; l < r2.size(); ++l)
-            detail::require_matrix(r2[l].rows, r2[l].cols, cfg_.head_size(), cfg_.head_size(), where,
-                                   "R2 of layer " + std::to_string(l));
-        spinquant::detail::require_finite(r1, where, "R1");
-        for (std::size_t l = 0; l < r2.size(); ++l)
-            spinquant::detail::require_finite(r2[l], where, "R2 of layer " + std::to_string(l));
+            detail::require_matrix(r2[l].rows, r2[l].cols, cfg_.head_size(), cfg_.head_size(), where, r2_name(l));
+        detail::require_finite_matrix(r1, where, r1_name);
+        for (std::size_t l = 0; l < r2.size(); ++l) detail::require_finite_matrix(r2[l], where, r2_name(l));
     }
 
     void check_gradients(spinquant::matrix_view<T> g1, std::span<const spinquant::matrix_view<T>> g2,
@@ -515,10 +532,10 @@ private:
             spinquant::detail::fail(spinquant::errc::bad_shape, where,
                                     std::to_string(g2.size()) + " R2 gradients, expected one per layer (" +
                                         std::to_string(cfg_.n_layers) + ")");
-        detail::require_matrix(g1.rows, g1.cols, cfg_.dim, cfg_.dim, where, "the R1 gradient");
+        detail::require_matrix(g1.rows, g1.cols, cfg_.dim, cfg_.dim, where, [] { return std::string("the R1 gradient"); });
         for (std::size_t l = 0; l < g2.size(); ++l)
             detail::require_matrix(g2[l].rows, g2[l].cols, cfg_.head_size(), cfg_.head_size(), where,
-                                   "the R2 gradient of layer " + std::to_string(l));
+                                   [l] { return "the R2 gradient of layer " + std::to_string(l); });
     }
 
     void check_sequence(std::span<const int> s, std::string_view where) const

@@ -73,9 +73,15 @@ public:
         const std::size_t d = net_.config().dim, hs = net_.config().head_size();
         for (std::size_t i = 0; i <= L; ++i) {
             const std::size_t n = i == 0 ? d : hs;
-            const std::string name = i == 0 ? std::string("R1") : "R2 of layer " + std::to_string(i - 1);
-            detail::require_matrix(rotations[i].rows, rotations[i].cols, n, n, where, "rotation " + std::to_string(i) + " (" + name + ")");
-            detail::require_matrix(gradients[i].rows, gradients[i].cols, n, n, where, "gradient " + std::to_string(i) + " (" + name + ")");
+            // Names are built only when a check fails: a passing call allocates nothing here.
+            const auto name = [i](const char* what) {
+                return [i, what] {
+                    return std::string(what) + " " + std::to_string(i) + " (" +
+                           (i == 0 ? std::string("R1") : "R2 of layer " + std::to_string(i - 1)) + ")";
+                };
+            };
+            detail::require_matrix(rotations[i].rows, rotations[i].cols, n, n, where, name("rotation"));
+            detail::require_matrix(gradients[i].rows, gradients[i].cols, n, n, where, name("gradient"));
         }
         net_.begin(rotations[0], rotations.subspan(1));  // also rejects NaN/Inf before anything is written
         std::size_t predictions = 0;
