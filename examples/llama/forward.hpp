@@ -50,11 +50,13 @@ using basic_vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 /// An owned row-major matrix of T: llama::matrix for any element type.
 template <spinquant::real_scalar T>
 struct basic_matrix {
-    std::vector<T> data;
-    std::size_t rows = 0;
-    std::size_t cols = 0;
+    std::vector<T> data;   ///< rows * cols elements, row by row
+    std::size_t rows = 0;  ///< output channels for weights
+    std::size_t cols = 0;  ///< input features for weights
 
+    /// An empty matrix.
     basic_matrix() = default;
+    /// A zero r x c matrix (allocates r * c elements).
     basic_matrix(std::size_t r, std::size_t c) : data(r * c, T(0)), rows(r), cols(c) {}
 
     /// The library's view of this matrix (packed row-major).
@@ -65,21 +67,21 @@ struct basic_matrix {
 /// The weights of one block in T, member for member as llama::layer_weights.
 template <spinquant::real_scalar T>
 struct basic_layer_weights {
-    std::vector<T> attn_norm;
-    basic_matrix<T> wq, wk, wv, wo;
-    std::vector<T> ffn_norm;
-    basic_matrix<T> w1, w2, w3;
+    std::vector<T> attn_norm;        ///< RMSNorm before attention [dim]
+    basic_matrix<T> wq, wk, wv, wo;  ///< [dim, dim], [kv_dim, dim], [kv_dim, dim], [dim, dim]
+    std::vector<T> ffn_norm;         ///< RMSNorm before the feed-forward layer [dim]
+    basic_matrix<T> w1, w2, w3;      ///< gate [hidden, dim], down [dim, hidden], up [hidden, dim]
 };
 
 /// A whole model in T, member for member as llama::model (whose matrices are float). Float code
 /// uses llama::model itself; model_of<T> names the right type for each T.
 template <spinquant::real_scalar T>
 struct basic_model {
-    model_config config;
-    basic_matrix<T> token_embedding;
-    std::vector<basic_layer_weights<T>> layers;
-    std::vector<T> final_norm;
-    basic_matrix<T> classifier;
+    model_config config;                         ///< the shape
+    basic_matrix<T> token_embedding;             ///< [vocab, dim]
+    std::vector<basic_layer_weights<T>> layers;  ///< one per block
+    std::vector<T> final_norm;                   ///< [dim]
+    basic_matrix<T> classifier;                  ///< [vocab, dim], its own matrix
 };
 
 /// The model type the forward pass in T runs on: llama::model for float, basic_model<T> otherwise.
@@ -186,6 +188,7 @@ struct basic_rope_table {
     std::vector<T> cos;     ///< [seq_len, pairs]
     std::vector<T> sin;
 
+    /// The tables for every position below c.seq_len.
     explicit basic_rope_table(const model_config& c) : pairs(c.head_size() / 2), cos(c.seq_len * pairs), sin(c.seq_len * pairs)
     {
         const T hs = static_cast<T>(c.head_size());
@@ -209,12 +212,15 @@ struct basic_kv_cache {
     std::vector<basic_rows<T>> values;  ///< per layer [capacity, kv_dim]
     std::size_t length = 0;             ///< positions filled
 
+    /// A cache for the model's whole context.
     explicit basic_kv_cache(const model_config& c) : basic_kv_cache(c, c.seq_len) {}
+    /// A cache for `capacity` positions.
     basic_kv_cache(const model_config& c, std::size_t capacity)
         : keys(c.n_layers, basic_rows<T>(static_cast<Eigen::Index>(capacity), static_cast<Eigen::Index>(c.kv_dim()))),
           values(keys)
     {
     }
+    /// Positions the cache can hold.
     [[nodiscard]] std::size_t capacity() const noexcept
     {
         return keys.empty() ? 0 : static_cast<std::size_t>(keys.front().rows());
@@ -261,10 +267,11 @@ using forward_trace = basic_forward_trace<float>;
 /// loop of same-sized windows allocates nothing. One per thread.
 template <spinquant::real_scalar T>
 struct basic_workspace {
-    basic_rope_table<T> rope;
-    basic_rows<T> x, xn, q, k, v, o, scores, gate, up;
-    basic_vector<T> rms;
+    basic_rope_table<T> rope;                            ///< the model's RoPE angles
+    basic_rows<T> x, xn, q, k, v, o, scores, gate, up;   ///< activations of the block being run
+    basic_vector<T> rms;                                 ///< inverse RMS of the last norm
 
+    /// Buffers for a model of shape c (RoPE tables for its seq_len; activations grow on first use).
     explicit basic_workspace(const model_config& c) : rope(c) {}
 };
 /// The float workspace.

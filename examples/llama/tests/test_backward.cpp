@@ -155,7 +155,7 @@ TEST_CASE("the gradient with respect to R1 and R2 matches finite differences of 
     const auto value = [&](const rotation_list<double>& at) { return f.evaluate(at.views(), set); };
     CHECK(value(r) == loss);
     double worst = 0.0;
-    for (const entry& e : sample_entries(m.config, 24, 8, 11)) {
+    for (const entry& e : sample_entries(m.config, 16, 6, 11)) {
         const double fd = finite_difference(value, r, e, 1e-3);
         const double got = g.r[e.k](static_cast<Eigen::Index>(e.i), static_cast<Eigen::Index>(e.j));
         const double rel = std::abs(got - fd) / std::abs(fd);
@@ -327,7 +327,7 @@ TEST_CASE("with quantizers on, the gradient is the straight-through estimator wi
     linearised_network unmasked(m, q, tokens, false);
     (void)unmasked(r);
     double worst = 0.0, control = 0.0;
-    for (const entry& e : sample_entries(m.config, 24, 8, 3)) {
+    for (const entry& e : sample_entries(m.config, 16, 4, 3)) {
         const double fd = finite_difference(ste, r, e, 1e-3);
         const double got = g.r[e.k](static_cast<Eigen::Index>(e.i), static_cast<Eigen::Index>(e.j));
         const double rel = std::abs(got - fd) / std::abs(fd);
