@@ -32,11 +32,14 @@
 ///                   applies online to down_proj's input.
 /// The full-precision model computes the same function after each step (to rounding).
 #include <array>
+#include <bit>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <span>
 #include <string>
 #include <string_view>
@@ -197,12 +200,6 @@ template <class T>
     const auto [a0, a1] = extent(a);
     const auto [b0, b1] = extent(b);
     return a0 < b1 && b0 < a1;
-}
-
-template <class T>
-void require_finite_model_weights(std::span<const matrix_view<T>> views, std::string_view where)
-{
-    for (const auto& v : views) require_finite(matrix_view<const T>(v), where, "a weight");
 }
 
 template <transformer_model M>
