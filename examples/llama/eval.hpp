@@ -28,10 +28,20 @@ namespace llama {
 // ---------------------------------------------------------------------------------------------
 // Text
 
+/// Where tokenize_blocks puts SentencePiece's dummy-prefix space (the " " run.c's encoder
+/// prepends to a non-empty text, so that its first word gets the same "▁word" piece as the
+/// words after a space).
+enum class dummy_prefix {
+    every_block,  ///< run.c's encoder on each block as is (the default): 385,898 tokens for
+                  ///< tinystories_valid_head.txt, the stream of the published reading of this
+                  ///< checkpoint (full precision 4.05 on the first 8,192 evaluation tokens)
+    first_block,  ///< block 0 only: the 388,718-token stream the data's SOURCES.md counts
+};
+
 /// A text tokenized block by block. Blocks are the non-empty pieces between "\n\n" separators
-/// (stories and their paragraphs). Block 0 gets BOS and the dummy prefix; every later block is
-/// preceded by the "\n" token and encoded without BOS or dummy prefix, so the stream is what
-/// run.c's encoder gives for each block, joined by single newlines.
+/// (stories and their paragraphs). Block 0 gets BOS; every later block is preceded by the "\n"
+/// token and encoded without BOS, so the stream is what run.c's encoder gives for each block,
+/// joined by single newlines. The dummy prefix goes where `prefix` says.
 struct token_stream {
     std::vector<int> tokens;
     std::vector<std::size_t> block_byte;   ///< byte offset of each block in the text
@@ -40,7 +50,8 @@ struct token_stream {
 
 /// Tokenizes `text` as token_stream describes. Errors: those of tokenizer::encode, and
 /// errc::bad_argument when the vocabulary cannot encode "\n" as one token.
-[[nodiscard]] inline token_stream tokenize_blocks(const tokenizer& tok, std::string_view text)
+[[nodiscard]] inline token_stream tokenize_blocks(const tokenizer& tok, std::string_view text,
+                                                  dummy_prefix prefix = dummy_prefix::every_block)
 {
     const std::vector<int> newline = tok.encode("\n", false, false, false);
     if (newline.size() != 1)
@@ -56,7 +67,8 @@ struct token_stream {
             if (!first) out.tokens.push_back(newline.front());
             out.block_byte.push_back(pos);
             out.block_token.push_back(out.tokens.size());
-            const auto ids = tok.encode(text.substr(pos, end - pos), first, false, first);
+            const bool space = first || prefix == dummy_prefix::every_block;
+            const auto ids = tok.encode(text.substr(pos, end - pos), first, false, space);
             out.tokens.insert(out.tokens.end(), ids.begin(), ids.end());
         }
         pos = end + 2;
@@ -93,8 +105,8 @@ struct text_split {
 // ---------------------------------------------------------------------------------------------
 // Evaluation sets
 
-/// Sequences the model is scored on: each sequence of n + 1 tokens is one forward pass from
-/// position 0 over its first n tokens, predicting its last n.
+/// Sequences the model is scored on: each sequence of n tokens is one forward pass from
+/// position 0 over its first n - 1 tokens, predicting its last n - 1.
 struct eval_set {
     std::vector<std::vector<int>> sequences;
 
@@ -106,24 +118,25 @@ struct eval_set {
     }
 };
 
-/// Non-overlapping windows over `tokens`: window w feeds tokens [w*length, (w+1)*length) and
-/// predicts the next token at each position, so consecutive windows share one token (the last
-/// target of one is the first input of the next) and every token after the first is predicted
-/// once. Takes as many windows as fit in both `tokens` and `max_predictions`.
-/// Errors: errc::bad_argument when length is 0 or no window fits.
-[[nodiscard]] inline eval_set make_windows(std::span<const int> tokens, std::size_t length, std::size_t max_predictions)
+/// Disjoint windows of `length` tokens over the first `max_tokens` of `tokens`, as the
+/// reference's perplexity evaluation cuts its test set: window w holds tokens
+/// [w*length, (w+1)*length) and predicts each of them after the first from the ones before it
+/// in the window (length - 1 predictions; the first token of a window is context only). Takes
+/// as many whole windows as fit in both `tokens` and `max_tokens`.
+/// Errors: errc::bad_argument when length < 2 or no window fits.
+[[nodiscard]] inline eval_set make_windows(std::span<const int> tokens, std::size_t length, std::size_t max_tokens)
 {
-    if (length == 0 || tokens.size() < length + 1 || max_predictions < length)
+    if (length < 2 || tokens.size() < length || max_tokens < length)
         spinquant::detail::fail(spinquant::errc::bad_argument, "llama::make_windows",
-                                "no window of " + std::to_string(length) + " predictions fits in " +
-                                    std::to_string(tokens.size()) + " tokens and " +
-                                    std::to_string(max_predictions) + " predictions");
-    const std::size_t count = std::min((tokens.size() - 1) / length, max_predictions / length);
+                                "no window of " + std::to_string(length) + " tokens (at least 2) fits in " +
+                                    std::to_string(tokens.size()) + " tokens with a limit of " +
+                                    std::to_string(max_tokens));
+    const std::size_t count = std::min(tokens.size(), max_tokens) / length;
     eval_set set;
     set.sequences.reserve(count);
     for (std::size_t w = 0; w < count; ++w)
         set.sequences.emplace_back(tokens.begin() + static_cast<std::ptrdiff_t>(w * length),
-                                   tokens.begin() + static_cast<std::ptrdiff_t>((w + 1) * length + 1));
+                                   tokens.begin() + static_cast<std::ptrdiff_t>((w + 1) * length));
     return set;
 }
 
@@ -403,7 +416,7 @@ struct eval_protocol {
     std::string text;               ///< e.g. "tinystories_valid_head.txt, evaluation part" or "sampled, seed 1"
     std::size_t sequences = 0;
     std::size_t predictions = 0;
-    std::size_t window = 0;         ///< predictions per sequence
+    std::size_t window = 0;         ///< tokens per window (window - 1 predictions)
 };
 
 /// Writes {"protocol": {...}, "rows": [...], "summary": [...]}.

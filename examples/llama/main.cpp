@@ -38,14 +38,18 @@ Options:
                         (default: tinystories_valid_head.txt in the shared data folder, if present)
   --no-text             ignore any text file: evaluate on text sampled from the model
   --split BYTES         byte offset where the calibration part starts (default: 537401)
-  --eval-tokens N       predictions to evaluate (default: 8192)
-  --window N            predictions per window; windows do not overlap (default: 256)
-  --calib-tokens N      calibration predictions (default: 8192), from the calibration part
+  --eval-tokens N       evaluation tokens (default: 8192: 32 windows, 8160 predictions)
+  --window N            tokens per window (default: 256); windows do not overlap, and each
+                        predicts its tokens after the first (N - 1 predictions)
+  --calib-tokens N      calibration tokens (default: 8192), from the calibration part
+  --dummy-prefix WHERE  every (default: run.c's encoder on each block of the text) or first
+                        (the dummy-prefix space on the text's first block only)
   --eval-seed S         seed of the sampled evaluation text (default: 1)
   --calib-seed S        seed of the sampled calibration text (default: 2)
   --seeds N             rotation seeds of the random and learned rows (default: 3)
   --steps N             Cayley SGD steps per learned rotation (default: 100, as the reference)
   --lr X                Cayley SGD learning rate (default: 1.5, as the reference)
+  --no-w-clip           weights without the MSE clip search (the reference's scripts use it)
   --methods LIST        comma-separated subset of rtn,hadamard,no_had,had,e2e (default: all);
                         e2e = SpinQuant had with R1/R2 learned on the quantized network's
                         cross-entropy (straight-through gradients), the others use the
@@ -70,6 +74,8 @@ struct options {
     std::size_t eval_tokens = 8192;
     std::size_t window = 256;
     std::size_t calib_tokens = 8192;
+    llama::dummy_prefix prefix = llama::dummy_prefix::every_block;
+    bool w_clip = true;
     std::uint64_t eval_seed = 1;
     std::uint64_t calib_seed = 2;
     std::size_t seeds = 3;
@@ -132,6 +138,16 @@ options parse(int argc, char** argv)
             o.window = parse_number(a, value());
         } else if (a == "--calib-tokens") {
             o.calib_tokens = parse_number(a, value());
+        } else if (a == "--dummy-prefix") {
+            const std::string& v = value();
+            if (v == "every")
+                o.prefix = llama::dummy_prefix::every_block;
+            else if (v == "first")
+                o.prefix = llama::dummy_prefix::first_block;
+            else
+                bad_usage("--dummy-prefix expects 'every' or 'first', got '" + v + "'");
+        } else if (a == "--no-w-clip") {
+            o.w_clip = false;
         } else if (a == "--eval-seed") {
             o.eval_seed = parse_number(a, value());
         } else if (a == "--calib-seed") {
@@ -176,8 +192,8 @@ options parse(int argc, char** argv)
             bad_usage("unknown option '" + a + "'");
         }
     }
-    if (o.window == 0 || o.eval_tokens < o.window || o.calib_tokens < o.window)
-        bad_usage("--eval-tokens and --calib-tokens must be at least --window, which must be > 0");
+    if (o.window < 2 || o.eval_tokens < o.window || o.calib_tokens < o.window)
+        bad_usage("--eval-tokens and --calib-tokens must be at least --window, which must be at least 2");
     if (o.seeds == 0) bad_usage("--seeds must be at least 1");
     return o;
 }
@@ -281,7 +297,7 @@ int run(const options& o)
     protocol.window = o.window;
     if (text_path && !o.no_text) {
         const std::string text = read_text(*text_path);
-        const auto stream = llama::tokenize_blocks(tok, text);
+        const auto stream = llama::tokenize_blocks(tok, text, o.prefix);
         const auto split = llama::split_at_byte(stream, o.split);
         std::cout << "text: " << text_path->filename().string() << ": " << stream.tokens.size() << " tokens in "
                   << stream.block_byte.size() << " blocks; evaluation part " << split.evaluation.size()
@@ -290,19 +306,20 @@ int run(const options& o)
         eval = llama::make_windows(split.evaluation, o.window, o.eval_tokens);
         calib = llama::make_windows(split.calibration, o.window, o.calib_tokens);
         protocol.text = text_path->filename().string() + ", evaluation part (bytes 0.." + std::to_string(o.split) +
-                        "), first " + std::to_string(eval.predictions()) + " predictions";
+                        "), first " + std::to_string(eval.sequences.size() * o.window) + " tokens, dummy prefix on " +
+                        (o.prefix == llama::dummy_prefix::every_block ? "every block" : "the first block");
     } else {
         const std::size_t count = o.eval_tokens / o.window;
-        eval = llama::sample_sequences(fp, count, o.window, o.eval_seed);
-        calib = llama::sample_sequences(fp, o.calib_tokens / o.window, o.window, o.calib_seed);
-        std::cout << "text: no text file; evaluating on " << count << " sequences of BOS + " << o.window
+        eval = llama::sample_sequences(fp, count, o.window - 1, o.eval_seed);
+        calib = llama::sample_sequences(fp, o.calib_tokens / o.window, o.window - 1, o.calib_seed);
+        std::cout << "text: no text file; evaluating on " << count << " sequences of BOS + " << o.window - 1
                   << " tokens sampled from the full-precision model (seed " << o.eval_seed
                   << "), calibration text sampled with seed " << o.calib_seed << "\n";
         protocol.text = "sampled from the full-precision model at temperature 1, seed " + std::to_string(o.eval_seed);
     }
     protocol.sequences = eval.sequences.size();
     protocol.predictions = eval.predictions();
-    std::cout << "evaluation: " << protocol.sequences << " windows of " << o.window << " predictions ("
+    std::cout << "evaluation: " << protocol.sequences << " windows of " << o.window << " tokens ("
               << protocol.predictions << " in all); calibration: " << calib.sequences.size() << " windows ("
               << calib.predictions() << " predictions, never from the evaluation part)\n\n";
 
@@ -321,8 +338,12 @@ int run(const options& o)
     // calibration set (computed once per method and seed, shared by the three bit settings).
     const auto wanted = [&](const char* m) { return std::find(o.methods.begin(), o.methods.end(), m) != o.methods.end(); };
     const llama::online_rotations online(c);
-    const auto w4 = llama::quant_config::bits(4, 16, 16);
-    const auto settings = {llama::quant_config::bits(4, 16, 16), llama::quant_config::bits(4, 8, 8), llama::quant_config::bits(4, 4, 4)};
+    const auto with_clip = [&](llama::quant_config q) {
+        q.w_clip = o.w_clip;
+        return q;
+    };
+    const auto w4 = with_clip(llama::quant_config::bits(4, 16, 16));
+    const auto settings = {w4, with_clip(llama::quant_config::bits(4, 8, 8)), with_clip(llama::quant_config::bits(4, 4, 4))};
     const auto evaluate_method = [&](const std::string& method, const llama::rotation_set* rotations, bool had,
                                      std::optional<std::uint64_t> seed) {
         const llama::model base = rotations ? llama::rotated_model(fp, *rotations, had ? &online : nullptr) : fp;
@@ -384,13 +405,13 @@ int run(const options& o)
             const auto learned = learned_rotations("layerwise", [&](llama::learning_report& rep) {
                 std::cout << "  learning R1, then each R2 (seed " << seed << ", " << learn.steps << " Cayley SGD steps each, lr "
                           << learn.lr << ") on the layer-wise W4A4KV4 objectives, " << calib.predictions() << " calibration tokens\n";
-                return llama::learn_rotations(fp, calib, llama::quant_config::bits(4, 4, 4), seed, learn, calib.predictions(), &rep);
+                return llama::learn_rotations(fp, calib, with_clip(llama::quant_config::bits(4, 4, 4)), seed, learn, calib.predictions(), &rep);
             });
             if (wanted("no_had")) evaluate_method("SpinQuant no_had", &learned, false, seed);
             if (wanted("had")) evaluate_method("SpinQuant had", &learned, true, seed);
         }
         if (wanted("e2e")) {
-            auto q = llama::quant_config::bits(4, 4, 4);
+            auto q = with_clip(llama::quant_config::bits(4, 4, 4));
             q.online_r3 = q.online_r4 = true;
             const auto learned = learned_rotations("e2e", [&](llama::learning_report& rep) {
                 std::cout << "  learning R1 and every R2 jointly (seed " << seed << ", " << learn.steps << " Cayley SGD steps, lr "

@@ -36,81 +36,97 @@ llama::eval_set short_set()
 
 }  // namespace
 
-TEST_CASE("the real text tokenizes to the documented stream and splits at a story boundary", "[llama][eval][shared]")
+TEST_CASE("the real text tokenizes to the documented streams and splits at a story boundary", "[llama][eval][shared]")
 {
     const auto text = llama::test::real_text();
     if (!text) return;
-    const auto stream = llama::tokenize_blocks(tok512(), *text);
-    CHECK(stream.tokens.size() == 388718);  // data/README.md
-    CHECK(stream.block_byte.size() == 4300);
-    CHECK(stream.tokens.front() == llama::bos_id);
-    const auto split = llama::split_at_byte(stream, eval_bytes);
-    CHECK(split.first_calibration_block == 2967);
-    CHECK(split.evaluation.size() + split.calibration.size() == stream.tokens.size());
-    CHECK(split.evaluation.size() >= 262145);  // 1,024 windows of 256 predictions lie inside
-    CHECK(split.evaluation.back() == 13);      // the joiner after the last evaluation block
-    const std::string calib_start = tok512().decode(std::span<const int>(split.calibration).first(20), 13);
-    CHECK(calib_start.rfind("Once there was a boy named Tony.", 0) == 0);
-    CHECK_THROWS_AS(llama::split_at_byte(stream, eval_bytes + 1), spinquant::error);
+    const auto every = llama::tokenize_blocks(tok512(), *text);
+    const auto first = llama::tokenize_blocks(tok512(), *text, llama::dummy_prefix::first_block);
+    CHECK(every.tokens.size() == 385898);  // data/README.md
+    CHECK(first.tokens.size() == 388718);  // the count of the data's SOURCES.md
+    for (const auto* stream : {&every, &first}) {
+        CHECK(stream->block_byte.size() == 4300);
+        CHECK(stream->tokens.front() == llama::bos_id);
+        const auto split = llama::split_at_byte(*stream, eval_bytes);
+        CHECK(split.first_calibration_block == 2967);
+        CHECK(split.evaluation.size() + split.calibration.size() == stream->tokens.size());
+        CHECK(split.evaluation.size() >= 256 * 1017);  // 1,017 windows of 256 tokens lie inside
+        CHECK(split.evaluation.back() == 13);          // the joiner after the last evaluation block
+        const std::string calib_start = tok512().decode(std::span<const int>(split.calibration).first(20), 13);
+        CHECK(calib_start.find("Once there was a boy named Tony.") <= 1);  // after the dummy prefix's space, if any
+        CHECK_THROWS_AS(llama::split_at_byte(*stream, eval_bytes + 1), spinquant::error);
+    }
 }
 
 TEST_CASE("full-precision perplexity on the first 8192 evaluation tokens", "[llama][eval][shared]")
 {
     const auto text = llama::test::real_text();
     if (!text) return;
-    const auto split = llama::split_at_byte(llama::tokenize_blocks(tok512(), *text), eval_bytes);
-    const auto set = llama::make_windows(split.evaluation, 256, 8192);
+    const auto& m = stories260k();
+    const auto every = llama::split_at_byte(llama::tokenize_blocks(tok512(), *text), eval_bytes);
+    const auto set = llama::make_windows(every.evaluation, 256, 8192);
     REQUIRE(set.sequences.size() == 32);
-    const auto ref = llama::make_reference(stories260k(), set);
-    CHECK(ref.fp.predictions == 8192);
-    // Regression value of this protocol (see data/README.md and the report in results): it is
-    // cross-checked below against the independent double-precision forward pass on the first window.
-    CHECK_THAT(ref.fp.ppl, Catch::Matchers::WithinAbs(3.7557, 5e-4));
+    const auto ref = llama::make_reference(m, set);
+    CHECK(ref.fp.predictions == 8160);
+    // An independent reading of this checkpoint under this protocol published 4.05 (data/README.md).
+    CHECK_THAT(ref.fp.ppl, Catch::Matchers::WithinAbs(4.0527, 5e-4));
+    // The stream with the dummy prefix on the first block only (regression value).
+    const auto first = llama::split_at_byte(llama::tokenize_blocks(tok512(), *text, llama::dummy_prefix::first_block), eval_bytes);
+    CHECK_THAT(llama::make_reference(m, llama::make_windows(first.evaluation, 256, 8192)).fp.ppl,
+               Catch::Matchers::WithinAbs(3.7506, 5e-4));
 
-    const auto& first = set.sequences[0];
-    const double nll = llama::test::reference_nll(llama::test::reference_logits(stories260k(), first), first);
-    const llama::eval_set one{{first}};
-    CHECK_THAT(llama::make_reference(stories260k(), one).fp.ppl, Catch::Matchers::WithinRel(std::exp(nll), 1e-5));
+    // Cross-check against the independent double-precision forward pass on the first window.
+    const auto& w0 = set.sequences[0];
+    const double nll = llama::test::reference_nll(llama::test::reference_logits(m, w0), w0);
+    const llama::eval_set one{{w0}};
+    CHECK_THAT(llama::make_reference(m, one).fp.ppl, Catch::Matchers::WithinRel(std::exp(nll), 1e-5));
 }
 
-TEST_CASE("windows do not overlap and predict every token after the first once", "[llama][eval]")
+TEST_CASE("windows are disjoint and predict every token but their first", "[llama][eval]")
 {
     std::vector<int> tokens(1000);
     for (std::size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int>(i % 512);
     const auto set = llama::make_windows(tokens, 100, 450);
-    REQUIRE(set.sequences.size() == 4);  // limited by max_predictions
-    CHECK(set.predictions() == 400);
+    REQUIRE(set.sequences.size() == 4);  // limited by max_tokens
+    CHECK(set.predictions() == 4 * 99);
     for (std::size_t w = 0; w < 4; ++w) {
-        REQUIRE(set.sequences[w].size() == 101);
+        REQUIRE(set.sequences[w].size() == 100);
         CHECK(set.sequences[w].front() == tokens[w * 100]);
-        CHECK(set.sequences[w].back() == tokens[w * 100 + 100]);
+        CHECK(set.sequences[w].back() == tokens[w * 100 + 99]);
     }
-    CHECK(llama::make_windows(tokens, 100, 100000).sequences.size() == 9);  // limited by the tokens: 9 * 100 + 1 <= 1000
+    CHECK(llama::make_windows(tokens, 100, 100000).sequences.size() == 10);  // limited by the tokens
+    CHECK(llama::make_windows(tokens, 1000, 1000).sequences.size() == 1);
     CHECK_THROWS_AS(llama::make_windows(tokens, 0, 100), spinquant::error);
-    CHECK_THROWS_AS(llama::make_windows(tokens, 1000, 5000), spinquant::error);
+    CHECK_THROWS_AS(llama::make_windows(tokens, 1, 100), spinquant::error);   // a window must predict something
+    CHECK_THROWS_AS(llama::make_windows(tokens, 1001, 5000), spinquant::error);
     CHECK_THROWS_AS(llama::make_windows(tokens, 100, 99), spinquant::error);
 }
 
-TEST_CASE("block tokenization joins blocks with one newline and gives only the first BOS and prefix", "[llama][eval]")
+TEST_CASE("block tokenization joins blocks with one newline, BOS on the first, the dummy prefix where asked", "[llama][eval]")
 {
     const auto& t = tok512();
     const std::string text = "Tom ran.\n\nHe was happy.\nThe end.\n\n\n\nBye.\n\n";
-    const auto s = llama::tokenize_blocks(t, text);
-    REQUIRE(s.block_byte == std::vector<std::size_t>{0, 10, 36});
-    std::vector<int> expected = t.encode("Tom ran.", true, false);
-    const std::size_t second = expected.size() + 1;
-    expected.push_back(13);
-    for (const int id : t.encode("He was happy.\nThe end.", false, false, false)) expected.push_back(id);
-    const std::size_t third = expected.size() + 1;
-    expected.push_back(13);
-    // "\n\n\n\n" is two separators; the block after them starts at "Bye." (empty blocks are skipped).
-    for (const int id : t.encode("Bye.", false, false, false)) expected.push_back(id);
-    CHECK(s.tokens == expected);
-    CHECK(s.block_token == std::vector<std::size_t>{0, second, third});
-    const auto split = llama::split_at_byte(s, 10);
-    CHECK(split.evaluation == std::vector<int>(expected.begin(), expected.begin() + static_cast<std::ptrdiff_t>(second)));
-    CHECK_THROWS_AS(llama::split_at_byte(s, 0), spinquant::error);  // the evaluation part would be empty
-    CHECK_THROWS_AS(llama::split_at_byte(s, 11), spinquant::error);
+    for (const auto prefix : {llama::dummy_prefix::every_block, llama::dummy_prefix::first_block}) {
+        const bool space = prefix == llama::dummy_prefix::every_block;
+        const auto s = llama::tokenize_blocks(t, text, prefix);
+        REQUIRE(s.block_byte == std::vector<std::size_t>{0, 10, 36});
+        std::vector<int> expected = t.encode("Tom ran.", true, false);
+        const std::size_t second = expected.size() + 1;
+        expected.push_back(13);
+        for (const int id : t.encode("He was happy.\nThe end.", false, false, space)) expected.push_back(id);
+        const std::size_t third = expected.size() + 1;
+        expected.push_back(13);
+        // "\n\n\n\n" is two separators; the block after them starts at "Bye." (empty blocks are skipped).
+        for (const int id : t.encode("Bye.", false, false, space)) expected.push_back(id);
+        CHECK(s.tokens == expected);
+        CHECK(s.block_token == std::vector<std::size_t>{0, second, third});
+        const auto split = llama::split_at_byte(s, 10);
+        CHECK(split.evaluation == std::vector<int>(expected.begin(), expected.begin() + static_cast<std::ptrdiff_t>(second)));
+        CHECK_THROWS_AS(llama::split_at_byte(s, 0), spinquant::error);  // the evaluation part would be empty
+        CHECK_THROWS_AS(llama::split_at_byte(s, 11), spinquant::error);
+    }
+    // The two policies differ exactly where a later block starts with a word.
+    CHECK(llama::tokenize_blocks(t, text).tokens != llama::tokenize_blocks(t, text, llama::dummy_prefix::first_block).tokens);
 }
 
 TEST_CASE("evaluate computes perplexity, KL to full precision and top-1 agreement", "[llama][eval]")
