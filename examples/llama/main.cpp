@@ -60,6 +60,9 @@ Options:
   --csv PATH            write the rows as CSV (method,bits,weights,seed,ppl,kl,top1)
   --json PATH           write the protocol, rows and summary as JSON
   --greedy N            print the greedy continuation of BOS (N tokens, as run.c -t 0) and exit
+  --sites               where the W4A4KV4 loss comes from: perplexity with 4-bit weights plus
+                        one 4-bit activation or cache site at a time, without rotations and
+                        with random Hadamard R1-R4 (the rotation seeds), and exit
   --bench               time the forward pass over the evaluation windows (batched per window,
                         token by token with the cache, and quantized W4A4KV4 with R3/R4) and exit
   --help                print this text
@@ -87,6 +90,7 @@ struct options {
     std::optional<std::filesystem::path> csv, json;
     std::optional<std::size_t> greedy;
     bool bench = false;
+    bool sites = false;
 };
 
 [[noreturn]] void bad_usage(const std::string& why)
@@ -184,6 +188,8 @@ options parse(int argc, char** argv)
             o.csv = value();
         } else if (a == "--json") {
             o.json = value();
+        } else if (a == "--sites") {
+            o.sites = true;
         } else if (a == "--bench") {
             o.bench = true;
         } else if (a == "--greedy") {
@@ -268,6 +274,59 @@ void bench(const llama::model& fp, const llama::eval_set& eval)
     if (sink == 12345.0f) std::printf("%g\n", static_cast<double>(sink));  // keeps the work observable
 }
 
+/// --sites: the perplexity of W4 weights (RTN) plus one 4-bit site at a time, with no rotation and
+/// with random Hadamard R1-R4 for each seed: which quantizer costs what, and which rotation can
+/// reach it (a site's error changes only with the rotations that act on its values).
+void sites(const llama::model& fp, const llama::eval_set& eval, const llama::reference& ref, std::size_t seeds, bool w_clip)
+{
+    const llama::online_rotations online(fp.config);
+    struct site {
+        const char* name;
+        const char* rotations;
+        llama::activation_hook llama::activation_hooks::*hook;
+    };
+    using H = llama::activation_hooks;
+    const site list[] = {{"A4 q/k/v_proj input", "R1", &H::attn_input}, {"A4 o_proj input", "R2", &H::o_input},
+                         {"A4 gate/up_proj input", "R1", &H::ffn_input}, {"A4 down_proj input", "R4", &H::down_input},
+                         {"K4 cache", "R3", &H::key},                    {"V4 cache", "R2", &H::value}};
+    std::vector<std::string> columns{"no rotation"};
+    std::vector<std::vector<double>> ppl(std::size(list) + 2);  // W4 only, each site, W4A4KV4
+    for (std::size_t r = 0; r <= seeds; ++r) {
+        const bool had = r > 0;
+        if (had) columns.push_back("random Hadamard, seed " + std::to_string(r - 1));
+        llama::model m = had ? llama::rotated_model(fp, llama::random_hadamard_rotations(fp.config, r - 1), &online) : fp;
+        auto w4 = llama::quant_config::bits(4, 16, 16), all = llama::quant_config::bits(4, 4, 4);
+        for (auto* q : {&w4, &all}) {
+            q->w_clip = w_clip;
+            q->online_r3 = q->online_r4 = had;
+        }
+        llama::quantize_weights_rtn(m, w4);
+        const auto base = llama::make_quant_hooks(fp.config, w4, &online);
+        const auto full = llama::make_quant_hooks(fp.config, all, &online);
+        ppl[0].push_back(llama::evaluate(m, base, eval, ref).ppl);
+        for (std::size_t i = 0; i < std::size(list); ++i) {
+            auto h = base;
+            h.*list[i].hook = full.*list[i].hook;  // the site's quantizer, with its online rotation if any
+            ppl[i + 1].push_back(llama::evaluate(m, h, eval, ref).ppl);
+        }
+        ppl.back().push_back(llama::evaluate(m, full, eval, ref).ppl);
+    }
+    std::printf("perplexity with W4 (RTN) weights plus one 4-bit site (full precision: %.3f)\n", ref.fp.ppl);
+    std::printf("%-26s %-10s", "site", "rotated by");
+    for (const auto& c : columns) std::printf("  %*s", static_cast<int>(std::max<std::size_t>(c.size(), 8)), c.c_str());
+    std::printf("\n");
+    const auto row = [&](const char* name, const char* by, const std::vector<double>& v) {
+        std::printf("%-26s %-10s", name, by);
+        for (std::size_t i = 0; i < v.size(); ++i)
+            std::printf("  %*.3f", static_cast<int>(std::max<std::size_t>(columns[i].size(), 8)), v[i]);
+        std::printf("\n");
+    };
+    row("W4 weights only", "R1 R2 R4", ppl[0]);
+    for (std::size_t i = 0; i < std::size(list); ++i)
+        row((std::string("+ ") + list[i].name).c_str(), list[i].rotations, ppl[i + 1]);
+    row("W4A4KV4 (all sites)", "", ppl.back());
+}
+
 int run(const options& o)
 {
     const auto t0 = std::chrono::steady_clock::now();
@@ -320,7 +379,7 @@ int run(const options& o)
     protocol.sequences = eval.sequences.size();
     protocol.predictions = eval.predictions();
     std::cout << "evaluation: " << protocol.sequences << " windows of " << o.window << " tokens ("
-              << protocol.predictions << " in all); calibration: " << calib.sequences.size() << " windows ("
+              << protocol.predictions << " predictions); calibration: " << calib.sequences.size() << " windows ("
               << calib.predictions() << " predictions, never from the evaluation part)\n\n";
 
     if (o.bench) {
@@ -331,6 +390,10 @@ int run(const options& o)
     const auto t_ref = std::chrono::steady_clock::now();
     const llama::reference ref = llama::make_reference(fp, eval);
     const double fp_seconds = seconds_since(t_ref);
+    if (o.sites) {
+        sites(fp, eval, ref, o.seeds, o.w_clip);
+        return 0;
+    }
     std::vector<llama::result_row> rows;
     rows.push_back({"FP", "FP", "FP", std::nullopt, ref.fp});
 
