@@ -10,6 +10,12 @@
 //   plan       hadamard_plan<float>::apply_rows (ours)
 // Counters: bytes_per_second counts the batch once (n floats per row), as for every case.
 //
+// Token blocks of short rows (n = K 2^k with a small 2^k, e.g. the R4 rotation n = 172 of the
+// shipped example model): a block of `rows` rows (256, a typical token block; 1 for a single
+// vector), cached. Baseline in the same binary:
+//   block_dense  the dense GEMM X M^T with Eigen, M = the plan's own matrix() (scale and signs in it)
+//   block_plan   hadamard_plan<float>::apply_rows (ours) on the same block
+//
 // Run: bench_hadamard --benchmark_min_time=0.5 --benchmark_repetitions=3 --benchmark_report_aggregates_only=true
 // GCC 12 reports _mm512_undefined_ps() inside AVX-512 shuffles (Eigen's GEMM packing, xsimd's
 // swizzle) as maybe uninitialized; the value is never read.
@@ -149,6 +155,64 @@ void BM_plan(benchmark::State& state)
     state.counters["K"] = static_cast<double>(plan.order());
 }
 
+spinquant::hadamard_options with_signs()
+{
+    spinquant::hadamard_options o;
+    o.random_signs = true;
+    o.seed = 1;
+    return o;
+}
+
+/// A rows x n block of short rows (Args: n, rows), with random signs so that both paths do all of it.
+struct block {
+    std::size_t n = 0, rows = 0;
+    std::vector<float> data;
+    spinquant::hadamard_plan<float> plan;
+    explicit block(const benchmark::State& state)
+        : n(static_cast<std::size_t>(state.range(0))), rows(static_cast<std::size_t>(state.range(1))),
+          data(n * rows), plan(n, with_signs())
+    {
+        std::mt19937 g(1);
+        for (float& v : data) v = static_cast<float>(g() % 2001) / 1000.0f - 1.0f;
+    }
+};
+
+void finish_block(benchmark::State& state, const block& b)
+{
+    state.SetBytesProcessed(state.iterations() * static_cast<std::int64_t>(b.rows * b.n * sizeof(float)));
+    state.counters["K"] = static_cast<double>(b.plan.order());
+}
+
+void BM_block_dense(benchmark::State& state)
+{
+    block b(state);
+    using row_major = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+    const auto n = static_cast<Eigen::Index>(b.n), rows = static_cast<Eigen::Index>(b.rows);
+    const std::vector<float> m = b.plan.matrix();  // apply(x) == M x, so the block becomes X M^T
+    const Eigen::Map<const row_major> mm(m.data(), n, n);
+    row_major out(rows, n);
+    Eigen::Map<row_major> x(b.data.data(), rows, n);
+    for (auto _ : state) {
+        out.noalias() = x * mm.transpose();
+        x = out;  // in place, like the plan
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish_block(state, b);
+}
+
+void BM_block_plan(benchmark::State& state)
+{
+    block b(state);
+    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
+    for (auto _ : state) {
+        b.plan.apply_rows(view);
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish_block(state, b);
+}
+
 void pow2_sizes(benchmark::internal::Benchmark* b)
 {
     for (const std::int64_t total : {cached, memory})
@@ -164,6 +228,15 @@ void composite_sizes(benchmark::internal::Benchmark* b)
         for (const std::int64_t n : {11008, 14336, 18944}) b->Args({n, total});
 }
 
+/// Short rows: K 2^k with 2^k below a register, 256-row token blocks, and single vectors of the
+/// R4 sizes. 12 = 12 * 1, 48 = 12 * 4, 56 = 28 * 2, 156 = 156 * 1, 160 = 20 * 8, 172 = 172 * 1,
+/// 344 = 172 * 2, 688 = 172 * 4.
+void block_sizes(benchmark::internal::Benchmark* b)
+{
+    for (const std::int64_t n : {12, 48, 56, 156, 160, 172, 344, 688}) b->Args({n, 256});
+    for (const std::int64_t n : {172, 688}) b->Args({n, 1});
+}
+
 }  // namespace
 
 BENCHMARK(BM_textbook)->Apply(pow2_sizes)->Unit(benchmark::kMicrosecond);
@@ -171,5 +244,7 @@ BENCHMARK(BM_stream)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark:
 BENCHMARK(BM_eigen)->Apply(dense_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_two_stage)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_plan)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_block_dense)->Apply(block_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_block_plan)->Apply(block_sizes)->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

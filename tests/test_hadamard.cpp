@@ -105,6 +105,95 @@ bool is_hadamard(std::span<const std::int8_t> h, std::size_t k)
     return true;
 }
 
+/// A matrix of random rows stored at offset + r * row_stride + c * col_stride of a buffer whose
+/// other elements hold a sentinel; apply_rows (or apply_inverse_rows) on it is compared row by row
+/// with the dense reference `dense` (the plan's operator from reference_of, n x n row-major), and
+/// everything outside the matrix must stay as it was.
+template <class T, class Arch>
+void check_rows_against_dense(const hadamard_plan<T, Arch>& plan, const std::vector<double>& dense,
+                              std::size_t rows, std::size_t row_stride, std::size_t col_stride, std::size_t offset,
+                              bool inverse, std::uint64_t seed)
+{
+    const std::size_t n = plan.size();
+    INFO("n = " << n << " (K = " << plan.order() << "), " << rows << " rows, strides " << row_stride << " and "
+                << col_stride << ", offset " << offset << (inverse ? ", inverse" : "")
+                << (plan.signs().empty() ? "" : ", signs"));
+    const std::size_t extent = rows == 0 ? 0 : offset + (rows - 1) * row_stride + (n - 1) * col_stride + 1;
+    std::vector<T> buffer(extent + 3, T(7));
+    std::vector<std::vector<T>> x(rows);
+    for (std::size_t r = 0; r < rows; ++r) {
+        x[r] = random_vector<T>(n, seed + r);
+        for (std::size_t c = 0; c < n; ++c) buffer[offset + r * row_stride + c * col_stride] = x[r][c];
+    }
+    std::vector<bool> inside(buffer.size(), false);
+    for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < n; ++c) inside[offset + r * row_stride + c * col_stride] = true;
+    const spinquant::matrix_view<T> view{buffer.data() + offset, rows, n, row_stride, col_stride};
+    if (inverse)
+        plan.apply_inverse_rows(view);
+    else
+        plan.apply_rows(view);
+    const double depth = spinquant::test::transform_depth(n, plan.order());
+    for (std::size_t r = 0; r < rows; ++r) {
+        const double tol = spinquant::test::transform_tolerance<T>(sum_abs(x[r]), exact_divisor(n), depth);
+        for (std::size_t i = 0; i < n; ++i) {
+            const double got = static_cast<double>(buffer[offset + r * row_stride + i * col_stride]);
+            double expected = 0;
+            for (std::size_t j = 0; j < n; ++j)
+                expected += dense[inverse ? j * n + i : i * n + j] * static_cast<double>(x[r][j]);
+            if (std::abs(got - expected) > tol)  // one assertion per matrix below, not one per element
+                FAIL("row " << r << ", output " << i << ": " << got << ", expected " << expected << " +- " << tol);
+        }
+    }
+    for (std::size_t e = 0; e < buffer.size(); ++e)
+        if (!inside[e] && buffer[e] != T(7)) FAIL("element " << e << " outside the matrix was written");
+    SUCCEED();
+}
+
+/// Row counts around the tile kernel's widths: 1, L - 1, L, L + 1 (L lanes of Arch), then 37
+/// and 256 (`more`: 1 for 37, 2 for both).
+template <class T, class Arch>
+std::vector<std::size_t> row_counts(int more)
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    std::vector<std::size_t> counts{1, lanes - 1, lanes, lanes + 1};
+    if (more >= 1) counts.push_back(37);
+    if (more >= 2) counts.push_back(256);
+    counts.erase(std::remove(counts.begin(), counts.end(), std::size_t{1}), counts.end());  // L = 2: once
+    counts.insert(counts.begin(), 1);
+    return counts;
+}
+
+/// Short rows (the power-of-two part m below a register: the tile kernel) in every layout:
+/// packed, padded and misaligned, column-major, and with a column stride; forward and inverse,
+/// with and without signs. Fewer and shorter matrices for the larger sizes and the other layouts
+/// (the reference is O(n^2) per row).
+template <class T, class Arch>
+void check_short_rows(std::size_t n, std::uint64_t seed, bool long_matrices = true)
+{
+    for (const bool signs : {false, true}) {
+        hadamard_options o;
+        o.random_signs = signs;
+        o.seed = seed;
+        const hadamard_plan<T, Arch> plan(n, o);
+        const dense_hadamard ref = reference_of(plan, exact_divisor(n));
+        std::vector<double> dense(n * n);
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t j = 0; j < n; ++j) dense[i * n + j] = ref.entry(i, j, false);
+        const bool small = long_matrices && n <= 172;
+        for (const bool inverse : {false, true}) {
+            const std::uint64_t s = seed + (inverse ? 1000 : 0);
+            for (const std::size_t rows : row_counts<T, Arch>(small ? 2 : 1))
+                check_rows_against_dense(plan, dense, rows, n, 1, 0, inverse, s + rows);  // packed
+            for (const std::size_t rows : row_counts<T, Arch>(small ? 1 : 0)) {
+                check_rows_against_dense(plan, dense, rows, n + 3, 1, 1, inverse, s + rows);      // padded, misaligned
+                check_rows_against_dense(plan, dense, rows, 1, rows, 0, inverse, s + rows);       // column-major
+                check_rows_against_dense(plan, dense, rows, 2 * n + 1, 2, 1, inverse, s + rows);  // every other column
+            }
+        }
+    }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -497,6 +586,50 @@ TEMPLATE_TEST_CASE("apply_rows transforms every row of padded, column-major and 
             REQUIRE_THAT(static_cast<double>(back[c * rows + r]), Catch::Matchers::WithinAbs(static_cast<double>(inverse[r][c]), tol));
 }
 
+TEMPLATE_TEST_CASE("apply_rows on short rows (m below a register) matches the dense reference in every layout",
+                   "[hadamard][rows]", float, double)
+{
+    // K m with m = 1 to 8 (the tile kernel wherever m is below the register width, the strip
+    // kernel elsewhere), the R4 sizes 172 m, and K = 1 rows shorter than a register.
+    const std::size_t n = GENERATE(as<std::size_t>{}, 1, 2, 4, 8, 12, 24, 48, 96, 20, 40, 80, 160, 28, 56, 112, 224,
+                                   156, 172, 344, 688);
+    check_short_rows<TestType, xsimd::default_arch>(n, n);
+}
+
+TEMPLATE_TEST_CASE("short rows: apply equals apply_rows on one row, and the workspace overloads agree",
+                   "[hadamard][rows]", float, double)
+{
+    const std::size_t n = GENERATE(as<std::size_t>{}, 12, 48, 172, 688);
+    hadamard_options o;
+    o.random_signs = true;
+    o.seed = 4;
+    const hadamard_plan<TestType> plan(n, o);
+    const std::size_t rows = 37;
+    const auto x = random_vector<TestType>(rows * n, 12);
+    auto by_rows = x, by_rows_work = x, by_vector = x, by_vector_work = x, inverse = x, inverse_work = x;
+    std::vector<TestType> work(plan.workspace_size());
+    plan.apply_rows(spinquant::as_matrix_view(by_rows.data(), rows, n));
+    plan.apply_rows(spinquant::as_matrix_view(by_rows_work.data(), rows, n), work);
+    plan.apply_inverse_rows(spinquant::as_matrix_view(inverse.data(), rows, n));
+    plan.apply_inverse_rows(spinquant::as_matrix_view(inverse_work.data(), rows, n), work);
+    for (std::size_t r = 0; r < rows; ++r) {
+        plan.apply(std::span<TestType>(by_vector.data() + r * n, n));
+        plan.apply(std::span<TestType>(by_vector_work.data() + r * n, n), work);
+    }
+    // The same kernel for every row, whatever the row count or the workspace: the same bits.
+    CHECK(by_rows == by_vector);
+    CHECK(by_rows == by_rows_work);
+    CHECK(by_rows == by_vector_work);
+    CHECK(inverse == inverse_work);
+    // And back.
+    plan.apply_inverse_rows(spinquant::as_matrix_view(by_rows.data(), rows, n));
+    const double tol = 2 * spinquant::test::transform_tolerance<TestType>(
+                               static_cast<double>(n), 1.0, spinquant::test::transform_depth(n, plan.order()));
+    for (std::size_t i = 0; i < x.size(); ++i)
+        REQUIRE_THAT(static_cast<double>(by_rows[i]), Catch::Matchers::WithinAbs(static_cast<double>(x[i]), tol));
+    CHECK(plan.workspace_size() > 0);
+}
+
 TEST_CASE("apply_rows and apply reject a wrong size with the data untouched", "[hadamard][errors]")
 {
     const hadamard_plan<float> plan(48);
@@ -650,6 +783,31 @@ TEST_CASE("one plan is used from several threads at once", "[hadamard]")
     for (std::size_t t = 0; t < threads; ++t) CHECK(data[t] == expected[t]);
 }
 
+TEST_CASE("one short-row plan is used from several threads at once", "[hadamard][rows]")
+{
+    hadamard_options o;
+    o.random_signs = true;
+    const hadamard_plan<float> plan(172, o);
+    constexpr std::size_t threads = 4, rows = 53;
+    std::vector<std::vector<float>> data(threads), expected(threads);
+    for (std::size_t t = 0; t < threads; ++t) {
+        data[t] = random_vector<float>(172 * rows, t);
+        expected[t] = data[t];
+        plan.apply_rows(spinquant::as_matrix_view(expected[t].data(), rows, 172));
+    }
+    std::vector<std::thread> pool;
+    for (std::size_t t = 0; t < threads; ++t)
+        pool.emplace_back([&, t] {
+            for (int repeat = 0; repeat < 3; ++repeat) {
+                auto copy = data[t];
+                plan.apply_rows(spinquant::as_matrix_view(copy.data(), rows, 172));
+                if (repeat == 2) data[t] = copy;
+            }
+        });
+    for (auto& th : pool) th.join();
+    for (std::size_t t = 0; t < threads; ++t) CHECK(data[t] == expected[t]);
+}
+
 TEST_CASE("fwht and every apply are allocation-free", "[hadamard]")
 {
     std::vector<float> x = random_vector<float>(29568 * 2, 1);
@@ -658,6 +816,10 @@ TEST_CASE("fwht and every apply are allocation-free", "[hadamard]")
     o.random_signs = true;
     const hadamard_plan<float> big(29568, o), ffn(11008), small(96), pow2(1 << 16, o);
     std::vector<float> work(ffn.workspace_size());
+    const hadamard_plan<float> r4(172, o), r4x4(688, o), k12(12), tiny(4, o);
+    const hadamard_plan<double> tiny_d(8, o);
+    std::vector<float> short_work(r4x4.workspace_size());
+    std::vector<double> y = random_vector<double>(17 * 8, 3);
     const std::span<float> row(x.data(), 29568);
     const std::span<float> ffn_row(x.data(), 11008);
     const long allocations = spinquant::test::allocations_during([&] {
@@ -670,6 +832,16 @@ TEST_CASE("fwht and every apply are allocation-free", "[hadamard]")
         ffn.apply(ffn_row, work);
         ffn.apply_inverse_rows(spinquant::matrix_view<float>{x.data(), 4, 11008, 11008, 1});
         small.apply_rows(spinquant::matrix_view<float>{x.data(), 96, 96, 1, 96});  // column-major
+        // Short rows (the tile kernel): R4 sizes, small K, K = 1 below a register, every layout.
+        r4.apply_rows(spinquant::as_matrix_view(x.data(), 256, 172));
+        r4.apply_inverse_rows(spinquant::as_matrix_view(x.data() + 1, 37, 172, 180));
+        r4.apply(std::span<float>(x.data(), 172));
+        r4.apply_rows(spinquant::matrix_view<float>{x.data(), 37, 172, 1, 37});  // column-major
+        r4x4.apply_rows(spinquant::as_matrix_view(x.data(), 64, 688));
+        r4x4.apply_inverse(std::span<float>(x.data(), 688), short_work);
+        k12.apply_rows(spinquant::as_matrix_view(x.data(), 33, 12));
+        tiny.apply_rows(spinquant::as_matrix_view(x.data(), 33, 4));
+        tiny_d.apply_inverse_rows(spinquant::as_matrix_view(y.data(), 17, 8));
     });
     CHECK(allocations == 0);
 }
@@ -707,6 +879,10 @@ void check_arch()
             check_plan_against_dense(plan, false, m, 512);
             check_plan_against_dense(plan, true, m + 1, 512);
         }
+    // Short rows, m below the register (the tile kernel), with row counts around its widths.
+    for (const std::size_t n : {std::size_t{2}, std::size_t{12}, std::size_t{24}, std::size_t{56}, std::size_t{172},
+                                std::size_t{344}})
+        if (n / hadamard_plan<T, Arch>(n).order() < lanes || n == 172) check_short_rows<T, Arch>(n, n + lanes, false);
 }
 
 template <class... A>

@@ -57,7 +57,9 @@
 /// about 900 runs the fast kernel with AVX-512 floats (K up to about 1900 with AVX2), which covers
 /// every LLM dimension we know of (the largest, Qwen2-72B's 29568, has K = 924); larger K fall
 /// back to a scalar O(K^2) column product unless the caller passes a workspace of
-/// workspace_size() elements.
+/// workspace_size() elements. Rows whose power-of-two part is shorter than a register (n = K m,
+/// m < L) need a tile of L n / m elements besides: K up to about 470 with AVX-512 floats and m = 1
+/// (the R4 size 172 = K has room to spare).
 #ifndef SPINQUANT_HADAMARD_STACK_BYTES
 #define SPINQUANT_HADAMARD_STACK_BYTES 65536
 #endif
@@ -247,11 +249,14 @@ public:
     /// H_K as +1/-1 entries, row-major (empty when K = 1).
     [[nodiscard]] std::span<const std::int8_t> order_matrix() const noexcept { return hk_; }
 
-    /// Elements of workspace that let apply(x, workspace) run the fast mixing kernel in one round
-    /// (0 when K = 1: no workspace is ever needed then).
+    /// Elements of workspace that let apply(x, workspace) and apply_rows(m, workspace) run the fast
+    /// mixing kernel in one round (0 when K = 1: no workspace is ever needed then).
     [[nodiscard]] std::size_t workspace_size() const noexcept
     {
         if (k_ == 1) return 0;
+        if (tile_)
+            return detail::hadamard_tile_workspace<value_type, Arch>(
+                &mix_, m_, mix_.groups, detail::hadamard_tile_strip_registers<value_type, Arch>(k_, m_));
         const std::size_t w = detail::hadamard_mix_strip_width<value_type, Arch>(mix_, m_, ~std::size_t{0});
         return w == 0 ? k_ : detail::hadamard_mix_workspace<value_type, Arch>(mix_, w, mix_.groups);
     }
@@ -289,8 +294,10 @@ public:
     /// apply() to every row of a rows x size() matrix (tokens x features for activations,
     /// [out, in] weights for merging: W <- W M^T), in place. Rows with unit column stride take the
     /// fast path; any other layout (e.g. a column-major Eigen matrix) is handled correctly by a
-    /// scalar strided path, much slower. Throws errc::bad_shape, with m untouched, unless
-    /// cols == size().
+    /// scalar strided path, much slower. Short rows (pow2_length() below the SIMD width, e.g.
+    /// n = 172 = K) are transformed a block of rows at a time with the lanes running across rows,
+    /// in any layout (fastest with unit column stride). Throws errc::bad_shape, with m untouched,
+    /// unless cols == size().
     template <mutable_real_matrix M>
         requires std::same_as<std::remove_cv_t<matrix_element_t<M>>, value_type>
     void apply_rows(M&& m) const
@@ -351,6 +358,9 @@ private:
             mix_ = detail::make_hadamard_mix_table(hk_, k_, false, lanes);
             mix_inverse_ = detail::make_hadamard_mix_table(hk_, k_, true, lanes);
         }
+        // Rows shorter than a register in their power-of-two part go through the tile kernel
+        // (lanes across rows; detail/fwht_mix.hpp).
+        tile_ = m_ < xsimd::batch<value_type, Arch>::size;
         const double d = options.normaliser == hadamard_normaliser::reference
                              ? static_cast<double>(std::sqrt(static_cast<float>(n)))
                              : std::sqrt(static_cast<double>(n));
@@ -361,6 +371,7 @@ private:
     {
         scaled_signs_.resize(n_);
         for (std::size_t i = 0; i < n_; ++i) scaled_signs_[i] = signs_[i] * scale_;
+        if (tile_) tile_signs_ = detail::hadamard_tile_multiplier<value_type, Arch>(scaled_signs_, k_, m_);
     }
 
 
@@ -428,6 +439,7 @@ private:
     void run_rows(matrix_view<value_type> a, bool inverse, std::span<value_type> work) const noexcept
     {
         if (a.rows == 0) return;
+        if (run_tile(a.data, a.rows, a.row_stride, a.col_stride, inverse, work)) return;
         if (a.has_contiguous_rows()) {
             const std::size_t extent = (a.rows - 1) * a.row_stride + n_;  // the view's memory, row 0 to the end
             for (std::size_t r = 0; r < a.rows; ++r) {
@@ -437,6 +449,40 @@ private:
         } else {
             for (std::size_t r = 0; r < a.rows; ++r) run_strided(a.data + r * a.row_stride, a.col_stride, inverse, work);
         }
+    }
+
+    // The tile kernel for rows with m < L (any layout), when the workspace has room for it (the
+    // stack buffer has, for K up to a few hundred); false when it does not run.
+    bool run_tile(value_type* data, std::size_t rows, std::size_t row_stride, std::size_t col_stride, bool inverse,
+                  std::span<value_type> work) const noexcept
+    {
+        if (!tile_) return false;
+        using detail::fwht_scale;
+        using multiplier = detail::fwht_multiplier<value_type>;
+        // Forward: the scaled signs (or the scale) on the way in; inverse: the scaled signs on the way out.
+        const multiplier signs{fwht_scale::vector, value_type(1), tile_signs_.data()};
+        const multiplier in = signs_.empty() ? multiplier{fwht_scale::scalar, scale_, nullptr}
+                                             : (inverse ? multiplier{} : signs);
+        const multiplier out = !signs_.empty() && inverse ? signs : multiplier{};
+        if (k_ == 1) {
+            // n < L: a small tile, and no mix.
+            std::array<value_type, small_tile_size()> small;
+            detail::hadamard_tile_rows<value_type, Arch>(data, rows, row_stride, col_stride, m_, nullptr, small, in, out);
+            return true;
+        }
+        const auto& table = inverse ? mix_inverse_ : mix_;
+        if (work.size() < detail::hadamard_tile_workspace<value_type, Arch>(&table, m_, 1)) return false;
+        detail::hadamard_tile_rows<value_type, Arch>(data, rows, row_stride, col_stride, m_, &table, work, in, out);
+        return true;
+    }
+
+    // The workspace of the tile kernel for K = 1 (n < L), whatever n.
+    static constexpr std::size_t small_tile_size() noexcept
+    {
+        std::size_t most = 0;
+        for (std::size_t m = 1; m < xsimd::batch<value_type, Arch>::size; m *= 2)
+            most = std::max(most, detail::hadamard_tile_workspace<value_type, Arch>(nullptr, m, 1));
+        return most;
     }
 
     // The contiguous core: x (n elements) <- M x or M^T x. `region`: the memory from x on that the
@@ -459,6 +505,8 @@ private:
                 detail::fwht_pow2_scaled<value_type, Arch>(x, scalar, {}, region);
             return;
         }
+        // Short rows: the tile kernel with one row (cheaper than the scalar column product).
+        if (run_tile(x.data(), 1, n_, 1, inverse, work)) return;
         // K > 1: the K row transforms (forward: signs on the way in), then the mix, which applies
         // the scale (and, inverse, the signs) on its way out.
         for (std::size_t r = 0; r < k_; ++r) {
@@ -498,7 +546,9 @@ private:
 
     std::size_t n_ = 0, k_ = 1, m_ = 0;
     value_type scale_ = value_type(1);
+    bool tile_ = false;  // m < L: rows go through detail::hadamard_tile_rows
     std::vector<value_type> signs_, scaled_signs_;
+    std::vector<value_type> tile_signs_;  // scaled_signs_ in the tile layout (tile_ and signs only)
     std::vector<std::int8_t> hk_;
     detail::hadamard_mix_table mix_, mix_inverse_;
 };

@@ -10,6 +10,7 @@
 // plain vector adds on SIMD columns of L = lanes elements ("strips").
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -260,29 +261,31 @@ SPINQUANT_FWHT_FLATTEN void hadamard_mix_strips_g(T* x, std::size_t m, const had
 }
 
 /// Registers per strip the strip kernel uses for K x m data with `available` elements of
-/// workspace: the most that divide m and fit, or 0 when the kernel cannot run (then use
-/// hadamard_mix_columns).
+/// workspace: the most (up to `most`) that divide m and fit, or 0 when the kernel cannot run
+/// (then use hadamard_mix_columns).
 template <class T, class Arch>
 [[nodiscard]] constexpr std::size_t hadamard_mix_strip_width(const hadamard_mix_table& t, std::size_t m,
-                                                             std::size_t available) noexcept
+                                                             std::size_t available,
+                                                             std::size_t most = hadamard_mix_strip_registers<Arch>) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
-    for (std::size_t w = hadamard_mix_strip_registers<Arch>; w >= 1; w /= 2)
+    for (std::size_t w = std::min(most, hadamard_mix_strip_registers<Arch>); w >= 1; w /= 2)
         if (m % (w * lanes) == 0 && available >= hadamard_mix_workspace<T, Arch>(t, w, 1)) return w;
     return 0;
 }
 
 /// x (K x m, row-major) <- diag(out) (H x), H given by `t`, in place, with strips of
-/// w = hadamard_mix_strip_width(t, m, work.size()) > 0 registers. More workspace lets more groups
-/// share a round (all of them: no copy of the strip). `out` is none, a scalar, or K*m
+/// w = hadamard_mix_strip_width(t, m, work.size(), most) > 0 registers. More workspace lets more
+/// groups share a round (all of them: no copy of the strip). `out` is none, a scalar, or K*m
 /// per-element values. `next` (the data after x, up to K*m elements) is prefetched into L2 on the
 /// way. Allocation-free.
 template <class T, class Arch>
 void hadamard_mix_strips(T* x, std::size_t m, const hadamard_mix_table& t, std::span<T> work,
-                         const fwht_multiplier<T>& out, const fwht_window<T>& next = {}) noexcept
+                         const fwht_multiplier<T>& out, const fwht_window<T>& next = {},
+                         std::size_t most = hadamard_mix_strip_registers<Arch>) noexcept
 {
     SPINQUANT_ASSERT((t.lanes == xsimd::batch<T, Arch>::size));
-    const std::size_t w = hadamard_mix_strip_width<T, Arch>(t, m, work.size());
+    const std::size_t w = hadamard_mix_strip_width<T, Arch>(t, m, work.size(), most);
     SPINQUANT_ASSERT(w > 0);
     const auto run = [&]<std::size_t W>() {
         switch (t.group_bits) {
@@ -299,6 +302,432 @@ void hadamard_mix_strips(T* x, std::size_t m, const hadamard_mix_table& t, std::
             return;
         }
     run.template operator()<1>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Short rows (m < L): the lanes run across rows
+//
+// When the power-of-two part m of a row is shorter than a register, a row has no strip for the
+// kernel above. Blocks of R rows are then moved into a small "tile" in which every lane belongs
+// to one row: register (c_hi, b) of a block holds, for each of its R rows, the w consecutive
+// columns b m + c_hi w, ..., b m + c_hi w + w - 1. Where registers can permute their lanes
+// (xsimd::swizzle), w = m and R = L / m, so the m-point transforms run inside each register;
+// elsewhere w = 1 and R = L, and they run between registers. Up to 8 blocks sit side by side,
+// so that for each c_hi the tile is a K x (blocks L) row-major matrix whose columns are
+// independent vectors: exactly the input of the strip kernel above, which then mixes all the
+// blocks in one call. The moves between rows and tile are register transposes (R x R blocks of
+// w elements) for contiguous rows, element copies for any other layout and a last partial block.
+
+/// w: columns of one row side by side in a register of the tile kernel (m < L).
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_tile_width(std::size_t m) noexcept
+{
+    return fwht_lane_method_for<T, Arch> == fwht_lane_method::swizzle ? m : 1;
+}
+
+/// R = L / w: rows of one block of the tile (m < L).
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_tile_rows(std::size_t m) noexcept
+{
+    return xsimd::batch<T, Arch>::size / hadamard_tile_width<T, Arch>(m);
+}
+
+/// Blocks side by side in a full tile for n = K m: as many as keep the tile within 4096
+/// elements (the mix's per-call cost is then spread over them), a power of two, at most 8.
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_tile_blocks(std::size_t k, std::size_t m) noexcept
+{
+    const std::size_t block = hadamard_tile_rows<T, Arch>(m) * k * m;
+    std::size_t blocks = 1;
+    while (blocks < 8 && 2 * blocks * block <= 4096) blocks *= 2;
+    return blocks;
+}
+
+/// Offset in the tile of the register that holds column j (a multiple of w) of block `blk`, in
+/// a tile of `blocks` blocks.
+template <class T, class Arch>
+[[nodiscard]] SPINQUANT_FWHT_INLINE std::size_t hadamard_tile_register(std::size_t j, std::size_t k, std::size_t m,
+                                                                       std::size_t blocks, std::size_t blk) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    const std::size_t w = hadamard_tile_width<T, Arch>(m);
+    const auto shift = static_cast<unsigned>(std::countr_zero(m));
+    return ((((j & (m - 1)) / w) * k + (j >> shift)) * blocks + blk) * lanes;
+}
+
+/// Elements per block for the spilled registers of hadamard_tile_move_short (0 unless n < L).
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_tile_spill(std::size_t k, std::size_t m) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    const std::size_t n = k * m, w = hadamard_tile_width<T, Arch>(m);
+    return n < lanes && n > w ? (lanes - n) / w * lanes : 0;
+}
+
+/// Workspace (elements of T) of hadamard_tile_rows for n = K m, m < L: a full tile, alignment
+/// slack, and the strip kernel's share for strips of `registers` registers with
+/// `groups_at_once` groups per round (`t` null: K = 1, no mix).
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_tile_workspace(const hadamard_mix_table* t, std::size_t m,
+                                                            std::size_t groups_at_once,
+                                                            std::size_t registers = 1) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    const std::size_t k = t != nullptr ? t->order : 1;
+    const std::size_t blocks = hadamard_tile_blocks<T, Arch>(k, m);
+    const std::size_t tile = blocks * (hadamard_tile_rows<T, Arch>(m) * k * m + hadamard_tile_spill<T, Arch>(k, m)) + lanes;
+    return t != nullptr ? tile + hadamard_mix_workspace<T, Arch>(*t, registers, groups_at_once) : tile;
+}
+
+/// Strip registers of the mix with a full tile and plenty of workspace (for workspace sizes).
+template <class T, class Arch>
+[[nodiscard]] constexpr std::size_t hadamard_tile_strip_registers(std::size_t k, std::size_t m) noexcept
+{
+    return hadamard_tile_blocks<T, Arch>(k, m) % 2 == 0 ? hadamard_mix_strip_registers<Arch> : 1;
+}
+
+/// A per-element multiplier `values` (n = K m entries, e.g. scaled signs) laid out as one block
+/// of the tile: entry (c_hi K + b) L + q w + c_lo = values[b m + c_hi w + c_lo] for every row q.
+/// Allocates R n elements (plan construction).
+template <class T, class Arch>
+[[nodiscard]] std::vector<T> hadamard_tile_multiplier(std::span<const T> values, std::size_t k, std::size_t m)
+{
+    const std::size_t w = hadamard_tile_width<T, Arch>(m);
+    const std::size_t tile_rows = hadamard_tile_rows<T, Arch>(m);
+    std::vector<T> tiled(tile_rows * values.size());
+    for (std::size_t j = 0; j < values.size(); ++j)
+        for (std::size_t q = 0; q < tile_rows; ++q)
+            tiled[hadamard_tile_register<T, Arch>(j - j % w, k, m, 1, 0) + q * w + j % w] = values[j];
+    return tiled;
+}
+
+/// Swaps lane bit D of a and b with the register bit: the lanes of `a` with bit D set trade
+/// places with the lanes of `b` with it clear (one permutation, three blends).
+// The helpers of the tile kernel that call xsimd are plain inline, not always_inline: GCC orders
+// its early inlining by the call graph but skips the edges from always_inline functions to
+// others, so xsimd's functions would not be ready to inline in time, and the flattened kernels
+// would call them out of line once the unit's inlining budget is spent (seen with GCC 12).
+template <std::size_t D, class T, class Arch>
+inline void hadamard_tile_exchange(xsimd::batch<T, Arch>& a, xsimd::batch<T, Arch>& b) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    const auto upper = batch::load_unaligned(fwht_lane_signs<T, batch::size, D>.data()) < batch(T(0));
+    const batch crossing = xsimd::select(upper, a, b);  // the halves that change register
+    const batch moved =
+        xsimd::swizzle(crossing, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<D>>());
+    a = xsimd::select(upper, moved, a);
+    b = xsimd::select(upper, b, moved);
+}
+
+/// One round of exchanges: registers Dist apart, lane distance Dist L / R.
+template <std::size_t Dist, std::size_t R, class T, class Arch, std::size_t... I>
+inline void hadamard_tile_round(std::array<xsimd::batch<T, Arch>, R>& v, std::index_sequence<I...>) noexcept
+{
+    constexpr std::size_t lane_distance = Dist * (xsimd::batch<T, Arch>::size / R);
+    (hadamard_tile_exchange<lane_distance, T, Arch>(v[(I / Dist) * 2 * Dist + I % Dist],
+                                                    v[(I / Dist) * 2 * Dist + I % Dist + Dist]),
+     ...);
+}
+
+/// The rounds of exchanges between registers Dist, 2 Dist, ..., R / 2 apart.
+template <std::size_t Dist, std::size_t R, class T, class Arch>
+inline void hadamard_tile_exchanges(std::array<xsimd::batch<T, Arch>, R>& v) noexcept
+{
+    if constexpr (Dist < R) {
+        hadamard_tile_round<Dist, R, T, Arch>(v, std::make_index_sequence<R / 2>{});
+        hadamard_tile_exchanges<2 * Dist, R, T, Arch>(v);
+    }
+}
+
+/// Transposes R registers seen as R x R blocks of w = L / R lanes: block p of register q goes to
+/// block q of register p. Its own inverse. Zip archs (w = 1, R = L): log2(L) rounds of zip_lo /
+/// zip_hi over the register pairs (i, i + L/2); each round rotates the register and lane index
+/// bits by one place (as in fwht_pair_zip), so after log2(L) rounds they have traded places.
+template <class T, class Arch, std::size_t R>
+inline void hadamard_tile_transpose(std::array<xsimd::batch<T, Arch>, R>& v) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::zip) {
+        static_assert(R == batch::size);
+        for (std::size_t round = 1; round < R; round *= 2) {
+            std::array<batch, R> z;
+            for (std::size_t i = 0; i < R / 2; ++i) {
+                z[2 * i] = xsimd::zip_lo(v[i], v[i + R / 2]);
+                z[2 * i + 1] = xsimd::zip_hi(v[i], v[i + R / 2]);
+            }
+            v = z;
+        }
+    } else {
+        hadamard_tile_exchanges<1, R, T, Arch>(v);
+    }
+}
+
+/// Moves the L columns from j0 on of R contiguous rows (row q at block + q * row_stride) into
+/// block `blk` of the tile (Load) or back (!Load): R loads, a register transpose, R stores.
+template <class T, class Arch, std::size_t R, bool Load>
+SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_columns(T* block, std::size_t row_stride, T* tile, std::size_t j0,
+                                                       std::size_t k, std::size_t m, std::size_t blocks,
+                                                       std::size_t blk) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t w = batch::size / R;
+    std::array<std::size_t, R> at;  // register p of the tile: columns j0 + p w ... of every row
+    for (std::size_t p = 0; p < R; ++p) at[p] = hadamard_tile_register<T, Arch>(j0 + p * w, k, m, blocks, blk);
+    std::array<batch, R> v;
+    if constexpr (Load) {
+        for (std::size_t q = 0; q < R; ++q) v[q] = batch::load_unaligned(block + q * row_stride + j0);
+        hadamard_tile_transpose<T, Arch, R>(v);
+        for (std::size_t p = 0; p < R; ++p) v[p].store_unaligned(tile + at[p]);
+    } else {
+        for (std::size_t p = 0; p < R; ++p) v[p] = batch::load_unaligned(tile + at[p]);
+        hadamard_tile_transpose<T, Arch, R>(v);
+        for (std::size_t q = 0; q < R; ++q) v[q].store_unaligned(block + q * row_stride + j0);
+    }
+}
+
+/// Moves R full contiguous rows (n = K m >= L columns) into block `blk` of the tile (Load) or
+/// back (!Load), L columns at a time.
+template <class T, class Arch, std::size_t R, bool Load>
+void hadamard_tile_move(T* block, std::size_t row_stride, T* tile, std::size_t k, std::size_t m, std::size_t blocks,
+                        std::size_t blk) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    const std::size_t n = k * m;
+    SPINQUANT_ASSERT(n >= lanes);
+    std::size_t j0 = 0;
+    for (; j0 + lanes <= n; j0 += lanes)
+        hadamard_tile_move_columns<T, Arch, R, Load>(block, row_stride, tile, j0, k, m, blocks, blk);
+    // The last L columns again, overlapping the ones before (n - L is a multiple of w): the tile
+    // gets the same values twice on the way in, the rows the same final values on the way out.
+    if (j0 < n) hadamard_tile_move_columns<T, Arch, R, Load>(block, row_stride, tile, n - lanes, k, m, blocks, blk);
+}
+
+/// Rows shorter than a register (n < L <= 2 n), packed (row q at block + q n), into block `blk`
+/// of the tile (Load) or back (!Load): row q is loaded and stored as the L elements from its
+/// start on, i.e. with the first L - n elements of row q + 1 (of the next block for the last
+/// row: the caller makes sure there is one). Their registers go to `spill` and come back
+/// untouched, and the rows are stored in order, so each row's spill is overwritten by the row
+/// it belongs to, and the last one rewrites the next block's values as they are.
+template <class T, class Arch, std::size_t R, bool Load>
+SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_short(T* block, T* tile, T* spill, std::size_t k, std::size_t m,
+                                                     std::size_t blocks, std::size_t blk) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t lanes = batch::size;
+    constexpr std::size_t w = lanes / R;
+    const std::size_t n = k * m;
+    const std::size_t inside = n / w;  // registers of real columns; the others spill
+    std::array<T*, R> at;
+    for (std::size_t p = 0; p < R; ++p)
+        at[p] = p < inside ? tile + hadamard_tile_register<T, Arch>(p * w, k, m, blocks, blk)
+                           : spill + (p - inside) * lanes;
+    std::array<batch, R> v;
+    if constexpr (Load) {
+        for (std::size_t q = 0; q < R; ++q) v[q] = batch::load_unaligned(block + q * n);
+        hadamard_tile_transpose<T, Arch, R>(v);
+        for (std::size_t p = 0; p < R; ++p) v[p].store_unaligned(at[p]);
+    } else {
+        for (std::size_t p = 0; p < R; ++p) v[p] = batch::load_unaligned(at[p]);
+        hadamard_tile_transpose<T, Arch, R>(v);
+        for (std::size_t q = 0; q < R; ++q) v[q].store_unaligned(block + q * n);
+    }
+}
+
+/// The same for the first `valid` <= R rows in any layout (element (q, j) at block[q *
+/// row_stride + j * col_stride]), element by element; loading fills the tile rows from `valid`
+/// on with zeros.
+template <class T, class Arch, bool Load>
+void hadamard_tile_copy(T* block, std::size_t valid, std::size_t row_stride, std::size_t col_stride, T* tile,
+                        std::size_t k, std::size_t m, std::size_t blocks, std::size_t blk) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t lanes = batch::size;
+    const std::size_t w = hadamard_tile_width<T, Arch>(m);
+    if (Load && valid < lanes / w)
+        for (std::size_t r = 0; r < (m / w) * k; ++r) batch(T(0)).store_unaligned(tile + (r * blocks + blk) * lanes);
+    for (std::size_t q = 0; q < valid; ++q) {
+        T* x = block + q * row_stride;
+        std::size_t j = 0;  // column b m + c_hi w + c_lo, in order
+        for (std::size_t b = 0; b < k; ++b)
+            for (std::size_t c_hi = 0; c_hi < m / w; ++c_hi) {
+                T* e = tile + ((c_hi * k + b) * blocks + blk) * lanes + q * w;
+                for (std::size_t c_lo = 0; c_lo < w; ++c_lo, ++j) {
+                    if constexpr (Load)
+                        e[c_lo] = x[j * col_stride];
+                    else
+                        x[j * col_stride] = e[c_lo];
+                }
+            }
+    }
+}
+
+/// One multiplier (none, scalar, or tile-layout vector at `at`) on a register.
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> hadamard_tile_scale(const xsimd::batch<T, Arch>& v,
+                                                                const fwht_multiplier<T>& f, std::size_t at) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    if (f.kind == fwht_scale::scalar) return v * batch(f.scalar);
+    if (f.kind == fwht_scale::vector) return v * batch::load_unaligned(f.values + at);
+    return v;
+}
+
+/// H_w on the w-lane groups of one register: the lane stages at distances H, ..., w/2 (as
+/// fwht_lane_stage).
+template <std::size_t H, class T, class Arch>
+inline void hadamard_tile_lane_stages(xsimd::batch<T, Arch>& v, std::size_t w) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::swizzle && H < batch::size) {
+        if (H < w) {
+            using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+            const batch partner =
+                xsimd::swizzle(v, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<H>>());
+            v = xsimd::fma(v, batch::load_unaligned(fwht_lane_signs<T, batch::size, H>.data()), partner);
+            hadamard_tile_lane_stages<2 * H, T, Arch>(v, w);
+        }
+    }
+}
+
+/// The m-point transforms of every row in the tile (`blocks` blocks), with `in` before and
+/// `out` after them (multipliers in the layout of hadamard_tile_multiplier): per b and block,
+/// the C = m / w registers (c_hi, b) hold the block's K x m column b; H_w inside each register,
+/// H_C between them. With w = 1 and C = 1 (k then counting all registers), only the multipliers.
+template <class T, class Arch, std::size_t C>
+SPINQUANT_FWHT_FLATTEN void hadamard_tile_transform(T* tile, std::size_t k, std::size_t w, std::size_t blocks,
+                                                    const fwht_multiplier<T>& in,
+                                                    const fwht_multiplier<T>& out) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t lanes = batch::size;
+    for (std::size_t b = 0; b < k; ++b)
+        for (std::size_t blk = 0; blk < blocks; ++blk) {
+            std::array<batch, C> v;
+            for (std::size_t c = 0; c < C; ++c) {
+                const std::size_t at = ((c * k + b) * blocks + blk) * lanes;
+                v[c] = hadamard_tile_scale<T, Arch>(batch::load_unaligned(tile + at), in, (c * k + b) * lanes);
+                hadamard_tile_lane_stages<1, T, Arch>(v[c], w);
+            }
+            fwht_register_network<1, C>(v);
+            for (std::size_t c = 0; c < C; ++c) {
+                const std::size_t at = ((c * k + b) * blocks + blk) * lanes;
+                hadamard_tile_scale<T, Arch>(v[c], out, (c * k + b) * lanes).store_unaligned(tile + at);
+            }
+        }
+}
+
+/// Every row of a rows x n matrix (n = K m, m < L a power of two; element (r, j) at
+/// data[r * row_stride + j * col_stride]) <- diag(out) (H (x) H_m) diag(in) row, H given by `t`
+/// (null: K = 1, no mix). `in` and `out` are none, a scalar or a vector in the layout of
+/// hadamard_tile_multiplier. Needs at least hadamard_tile_workspace(t, m, 1) elements of `work`;
+/// more lets the mix take more groups per round (and strips of two registers). Contiguous rows
+/// take register transposes; a last partial block and any other layout are copied element by
+/// element (rows of n < L elements too). Allocation-free.
+template <class T, class Arch>
+void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::size_t col_stride, std::size_t m,
+                        const hadamard_mix_table* t, std::span<T> work, const fwht_multiplier<T>& in,
+                        const fwht_multiplier<T>& out) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t lanes = batch::size;
+    constexpr auto method = fwht_lane_method_for<T, Arch>;
+    SPINQUANT_ASSERT((m < lanes && std::has_single_bit(m) && m / hadamard_tile_width<T, Arch>(m) <= 8));
+    SPINQUANT_ASSERT((work.size() >= hadamard_tile_workspace<T, Arch>(t, m, 1)));
+    const std::size_t k = t != nullptr ? t->order : 1;
+    const std::size_t w = hadamard_tile_width<T, Arch>(m);
+    const std::size_t tile_rows = lanes / w;
+    const std::size_t n = k * m;
+    const std::size_t full_blocks = hadamard_tile_blocks<T, Arch>(k, m);
+    const auto address = reinterpret_cast<std::uintptr_t>(work.data());
+    const std::size_t skip = (sizeof(batch) - address % sizeof(batch)) % sizeof(batch) / sizeof(T);
+    T* tile = work.data() + skip;
+    T* spill = tile + full_blocks * tile_rows * n;
+    const std::span<T> rest = work.subspan(skip + full_blocks * (tile_rows * n + hadamard_tile_spill<T, Arch>(k, m)));
+    // How block `blk` (rows first, ..., first + R - 1, all of them there) moves: register
+    // transposes of L columns at a time (n >= L), one register as it is (packed rows, n = w, so
+    // the block is one register in the tile's layout), transposes of overlapping rows (packed,
+    // L <= 2 n, and a row after the block to overlap), else element copies.
+    enum class way { columns, whole, overlapping, copy };
+    const auto how = [&](std::size_t first) {
+        if (method == fwht_lane_method::scalar || col_stride != 1) return way::copy;
+        if (n >= lanes) return way::columns;
+        if (row_stride != n) return way::copy;
+        if (n == w) return way::whole;
+        return 2 * n >= lanes && first + tile_rows < rows ? way::overlapping : way::copy;
+    };
+    const auto move = [&]<bool Load>(T* block, std::size_t blocks, std::size_t blk, way by) {
+        if (by == way::whole) {
+            T* e = tile + blk * lanes;
+            if constexpr (Load)
+                batch::load_unaligned(block).store_unaligned(e);
+            else
+                batch::load_unaligned(e).store_unaligned(block);
+            return;
+        }
+        T* spilled = spill + blk * hadamard_tile_spill<T, Arch>(k, m);
+        const auto run = [&]<std::size_t R>() {
+            if (by == way::columns)
+                hadamard_tile_move<T, Arch, R, Load>(block, row_stride, tile, k, m, blocks, blk);
+            else
+                hadamard_tile_move_short<T, Arch, R, Load>(block, tile, spilled, k, m, blocks, blk);
+        };
+        if constexpr (method == fwht_lane_method::zip) {
+            run.template operator()<lanes>();  // w = 1, R = L
+        } else if constexpr (method == fwht_lane_method::swizzle) {
+            switch (tile_rows) {
+            case 2: run.template operator()<2>(); break;
+            case 4: run.template operator()<4>(); break;
+            case 8:
+                if constexpr (lanes >= 8) run.template operator()<8>();
+                break;
+            default:
+                if constexpr (lanes >= 16) run.template operator()<16>();
+                break;
+            }
+        }
+    };
+    // With no mix, `out` comes right after the m-point transforms; else after the mix.
+    const fwht_multiplier<T> after_transform = t != nullptr ? fwht_multiplier<T>{} : out;
+    for (std::size_t r0 = 0; r0 < rows; r0 += full_blocks * tile_rows) {
+        // The last tile has only as many blocks as it has rows for.
+        const std::size_t blocks = std::min(full_blocks, (rows - r0 + tile_rows - 1) / tile_rows);
+        for (std::size_t blk = 0; blk < blocks; ++blk) {
+            const std::size_t first = r0 + blk * tile_rows;
+            const std::size_t valid = std::min(tile_rows, rows - first);
+            const way by = valid == tile_rows ? how(first) : way::copy;
+            if (by != way::copy)
+                move.template operator()<true>(data + first * row_stride, blocks, blk, by);
+            else
+                hadamard_tile_copy<T, Arch, true>(data + first * row_stride, valid, row_stride, col_stride, tile, k, m,
+                                                  blocks, blk);
+        }
+        switch (m / w) {
+        case 1: hadamard_tile_transform<T, Arch, 1>(tile, k, w, blocks, in, after_transform); break;
+        case 2: hadamard_tile_transform<T, Arch, 2>(tile, k, w, blocks, in, after_transform); break;
+        case 4: hadamard_tile_transform<T, Arch, 4>(tile, k, w, blocks, in, after_transform); break;
+        default: hadamard_tile_transform<T, Arch, 8>(tile, k, w, blocks, in, after_transform); break;
+        }
+        if (t != nullptr) {
+            // Strips of two registers when there is room for at most two rounds of them.
+            const std::size_t most =
+                blocks % 2 == 0 && rest.size() >= hadamard_mix_workspace<T, Arch>(*t, 2, (t->groups + 1) / 2) ? 2 : 1;
+            for (std::size_t c = 0; c < m / w; ++c)
+                hadamard_mix_strips<T, Arch>(tile + c * k * blocks * lanes, blocks * lanes, *t, rest, {}, {}, most);
+            if (out.kind != fwht_scale::none)
+                hadamard_tile_transform<T, Arch, 1>(tile, (m / w) * k, 1, blocks, out, {});
+        }
+        for (std::size_t blk = 0; blk < blocks; ++blk) {
+            const std::size_t first = r0 + blk * tile_rows;
+            const std::size_t valid = std::min(tile_rows, rows - first);
+            const way by = valid == tile_rows ? how(first) : way::copy;
+            if (by != way::copy)
+                move.template operator()<false>(data + first * row_stride, blocks, blk, by);
+            else
+                hadamard_tile_copy<T, Arch, false>(data + first * row_stride, valid, row_stride, col_stride, tile, k,
+                                                   m, blocks, blk);
+        }
+    }
 }
 
 /// The same product one column at a time, for any layout: element (r, c) of the K x m view is
