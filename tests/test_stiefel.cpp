@@ -195,11 +195,69 @@ TEST_CASE("nearest_orthogonal returns the polar factor and leaves rotations alon
         spinquant::nearest_orthogonal(q);
         CHECK(max_abs(q - r) < 1e-13);
     }
+    SECTION("tall: orthonormal columns, against the polar factor from a double SVD")
+    {
+        const Eigen::MatrixXd p = gaussian(9, 4, rng);
+        Eigen::MatrixXd q = p;
+        spinquant::nearest_orthogonal(q);
+        const Eigen::JacobiSVD<Eigen::MatrixXd> svd(p, Eigen::ComputeThinU | Eigen::ComputeThinV);
+        CHECK(max_abs(q - svd.matrixU() * svd.matrixV().transpose()) < 1e-13);
+    }
+    SECTION("ill-conditioned (condition number 1e6), against the SVD")
+    {
+        const Eigen::MatrixXd a = spinquant::random_orthogonal<double>(6, rng), b = spinquant::random_orthogonal<double>(6, rng);
+        Eigen::VectorXd sigma(6);
+        sigma << 3e3, 10, 1, 0.5, 1e-2, 3e-3;
+        const Eigen::MatrixXd p = a * sigma.asDiagonal() * b;
+        Eigen::MatrixXd q = p;
+        spinquant::nearest_orthogonal(q);
+        CHECK(max_abs(q - a * b) < 1e-9);  // the polar factor of A·Σ·B is A·B
+    }
     SECTION("NaN is rejected")
     {
         Eigen::MatrixXd q = Eigen::MatrixXd::Identity(3, 3);
         q(1, 1) = std::numeric_limits<double>::quiet_NaN();
         CHECK_THROWS_AS(spinquant::nearest_orthogonal(q), spinquant::error);
+    }
+    SECTION("a rank-deficient matrix is rejected and left untouched")
+    {
+        Eigen::MatrixXd q = gaussian(4, 6, rng);
+        q.row(2) = 2.0 * q.row(0) - q.row(1);
+        const Eigen::MatrixXd before = q;
+        try {
+            spinquant::nearest_orthogonal(q);
+            FAIL("no error");
+        } catch (const spinquant::error& e) {
+            CHECK(e.code() == spinquant::errc::bad_argument);
+            CHECK(std::string(e.what()).find("rank deficient") != std::string::npos);
+        }
+        CHECK(q == before);
+        Eigen::MatrixXd zero = Eigen::MatrixXd::Zero(3, 3);
+        CHECK_THROWS_AS(spinquant::nearest_orthogonal(zero), spinquant::error);
+        CHECK(zero.isZero());
+    }
+}
+
+TEMPLATE_TEST_CASE("a parameter moved far from orthonormal between steps is projected back at the next polish", "[stiefel]",
+                   float, double)
+{
+    using T = TestType;
+    using matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+    std::mt19937_64 rng(16);
+    matrix p = spinquant::random_orthogonal<T>(12, rng).topRows(5);
+    const matrix g = gaussian(5, 12, rng).cast<T>();
+    const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-12;
+    for (const bool lose_rank : {false, true}) {
+        cayley_sgd<T> opt({{5, 12}}, {.lr = 0.01, .orthonormalize_every = 2});
+        opt.step(p, g);  // step 0 (polished)
+        opt.step(p, g);  // step 1
+        const matrix scaled = T(3) * p;
+        p = scaled;  // polar factor unchanged: the projection must give p back
+        if (lose_rank) p.row(3) = p.row(1);
+        const matrix before = p;
+        opt.step(p, g);  // step 2 polishes first, then takes a small step
+        CHECK(spinquant::max_orthonormality_error(p) < tol);
+        if (!lose_rank) CHECK(max_abs((p - before / T(3)).template cast<double>()) < 0.05);  // near where it was
     }
 }
 

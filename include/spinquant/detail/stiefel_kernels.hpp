@@ -13,7 +13,6 @@
 #include <Eigen/Core>
 #include <Eigen/LU>
 #include <Eigen/QR>
-#include <Eigen/SVD>
 
 namespace spinquant::detail {
 
@@ -134,19 +133,64 @@ double orthonormality_defect(stiefel_buffers<T>& b)
     }
 }
 
+/// Replaces X (p x n, p <= n) by its polar factor, the nearest matrix with orthonormal rows
+/// (X = (X·Xᵀ)^(−1/2)·X), in double, with the Newton–Schulz iteration X ← X + ½(I − X·Xᵀ)·X. It
+/// maps each singular value σ to σ(3 − σ²)/2, which converges to 1 from anywhere in (0, √3):
+/// linearly (×1.5) while σ is small, then quadratically. X is first scaled by 1/√‖X·Xᵀ‖₁, which
+/// puts every singular value in (0, 1]. Products only (no SVD: an SVD costs far more to compile
+/// than everything else here and is not needed). Returns false, X then unspecified, when it has
+/// not converged in 100 iterations: X is (numerically) rank deficient, with no unique polar
+/// factor. Allocates two temporaries. (A template only so that TUs that never call it do not
+/// compile it; the callers use double.)
+template <class S>
+[[nodiscard]] bool polar_factor_rows(dense_matrix<S>& x)
+{
+    using std::sqrt;
+    const Eigen::Index p = x.rows();
+    dense_matrix<S> g(p, p);
+    g.noalias() = x * x.transpose();
+    const S norm1 = g.cwiseAbs().colwise().sum().maxCoeff();  // >= ‖X·Xᵀ‖₂ = σ_max²
+    if (!(norm1 > S(0)) || !std::isfinite(norm1)) return false;
+    x *= S(1) / sqrt(norm1);
+    g *= S(1) / norm1;
+    dense_matrix<S> t(p, x.cols());
+    const S eps = std::numeric_limits<S>::epsilon();
+    const S converged = S(64) * eps * sqrt(static_cast<S>(p));
+    for (int k = 0; k < 100; ++k) {
+        g = dense_matrix<S>::Identity(p, p) - g;  // I − X·Xᵀ
+        const S defect = g.norm();
+        if (defect < converged) return true;
+        t.noalias() = g * x;
+        x += S(0.5) * t;
+        // Quadratic phase: once the defect is below √ε, this correction left about defect².
+        if (defect < sqrt(eps)) return true;
+        g.noalias() = x * x.transpose();
+    }
+    return false;
+}
+
 /// Brings the rows of U back to orthonormal. Newton–Schulz polar iteration
 /// U ← U + ½(I − U·Uᵀ)·U, which converges quadratically to the polar factor (the nearest matrix
 /// with orthonormal rows) when ‖I − U·Uᵀ‖₂ < 1: one correction when U is already close (the
 /// steady state: a rank update and a symmetric product), more while the defect is above √ε.
 /// Farther away (‖I − U·Uᵀ‖_F >= 1/2: the caller changed the parameter between steps) it takes the
-/// polar factor from an SVD instead, which allocates.
+/// polar factor in double from polar_factor_rows, which allocates; if U has lost rank there, the
+/// orthonormal rows of its LQ factorisation instead (any orthonormal completion would do).
 template <class T>
 void polish_rows(stiefel_buffers<T>& b)
 {
     double defect = orthonormality_defect(b);
     if (!(defect < 0.5)) {
-        const Eigen::BDCSVD<dense_matrix<T>> svd(b.u, Eigen::ComputeThinU | Eigen::ComputeThinV);
-        b.u.noalias() = svd.matrixU() * svd.matrixV().transpose();
+        Eigen::MatrixXd u = b.u.template cast<double>();
+        if (polar_factor_rows(u)) {
+            b.u = u.template cast<T>();
+        } else {
+            b.x = b.u.transpose();
+            b.qr.compute(b.x);
+            b.z.setIdentity();
+            b.z.applyOnTheLeft(b.qr.householderQ());
+            b.u = b.z.transpose();
+        }
         return;
     }
     const double converged = std::sqrt(static_cast<double>(std::numeric_limits<T>::epsilon()));
