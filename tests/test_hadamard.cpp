@@ -596,7 +596,7 @@ TEMPLATE_TEST_CASE("apply_rows on short rows (m below a register) matches the de
     check_short_rows<TestType, xsimd::default_arch>(n, n);
 }
 
-TEMPLATE_TEST_CASE("short rows: apply equals apply_rows on one row, and the workspace overloads agree",
+TEMPLATE_TEST_CASE("short rows: apply is apply_rows on one row, the workspace overloads agree, and the inverse undoes",
                    "[hadamard][rows]", float, double)
 {
     const std::size_t n = GENERATE(as<std::size_t>{}, 12, 48, 172, 688);
@@ -606,28 +606,50 @@ TEMPLATE_TEST_CASE("short rows: apply equals apply_rows on one row, and the work
     const hadamard_plan<TestType> plan(n, o);
     const std::size_t rows = 37;
     const auto x = random_vector<TestType>(rows * n, 12);
-    auto by_rows = x, by_rows_work = x, by_vector = x, by_vector_work = x, inverse = x, inverse_work = x;
+    auto by_rows = x, by_rows_work = x, one_row = x, by_vector = x, by_vector_work = x, inverse = x, inverse_work = x;
     std::vector<TestType> work(plan.workspace_size());
     plan.apply_rows(spinquant::as_matrix_view(by_rows.data(), rows, n));
     plan.apply_rows(spinquant::as_matrix_view(by_rows_work.data(), rows, n), work);
     plan.apply_inverse_rows(spinquant::as_matrix_view(inverse.data(), rows, n));
     plan.apply_inverse_rows(spinquant::as_matrix_view(inverse_work.data(), rows, n), work);
     for (std::size_t r = 0; r < rows; ++r) {
+        plan.apply_rows(spinquant::as_matrix_view(one_row.data() + r * n, 1, n));
         plan.apply(std::span<TestType>(by_vector.data() + r * n, n));
         plan.apply(std::span<TestType>(by_vector_work.data() + r * n, n), work);
     }
-    // The same kernel for every row, whatever the row count or the workspace: the same bits.
-    CHECK(by_rows == by_vector);
+    // One row is one vector, the workspace changes nothing: the same kernels, the same bits.
+    CHECK(one_row == by_vector);
+    CHECK(by_vector == by_vector_work);
     CHECK(by_rows == by_rows_work);
-    CHECK(by_rows == by_vector_work);
     CHECK(inverse == inverse_work);
+    // Many rows (a block kernel) and one vector at a time (for m = 1 another kernel) agree to rounding.
+    const double tol = 2 * spinquant::test::transform_tolerance<TestType>(
+                               static_cast<double>(n), exact_divisor(n), spinquant::test::transform_depth(n, plan.order()));
+    for (std::size_t i = 0; i < x.size(); ++i)
+        REQUIRE_THAT(static_cast<double>(by_rows[i]), Catch::Matchers::WithinAbs(static_cast<double>(by_vector[i]), tol));
     // And back.
     plan.apply_inverse_rows(spinquant::as_matrix_view(by_rows.data(), rows, n));
-    const double tol = 2 * spinquant::test::transform_tolerance<TestType>(
-                               static_cast<double>(n), 1.0, spinquant::test::transform_depth(n, plan.order()));
+    const double back = 2 * spinquant::test::transform_tolerance<TestType>(
+                                static_cast<double>(n), 1.0, spinquant::test::transform_depth(n, plan.order()));
     for (std::size_t i = 0; i < x.size(); ++i)
-        REQUIRE_THAT(static_cast<double>(by_rows[i]), Catch::Matchers::WithinAbs(static_cast<double>(x[i]), tol));
+        REQUIRE_THAT(static_cast<double>(by_rows[i]), Catch::Matchers::WithinAbs(static_cast<double>(x[i]), back));
     CHECK(plan.workspace_size() > 0);
+}
+
+TEMPLATE_TEST_CASE("single short vectors (m = 1: scalar sign tables) match the dense reference", "[hadamard][rows]",
+                   float, double)
+{
+    for (const std::size_t n : std::vector<std::size_t>{12, 20, 28, 36, 44, 52, 60, 76, 108, 140, 156, 172, 284, 444}) {
+        for (const bool signs : {false, true}) {
+            hadamard_options o;
+            o.random_signs = signs;
+            o.seed = n;
+            const hadamard_plan<TestType> plan(n, o);
+            REQUIRE(plan.pow2_length() == 1);
+            check_plan_against_dense(plan, false, n);
+            check_plan_against_dense(plan, true, n + 1);
+        }
+    }
 }
 
 TEST_CASE("apply_rows and apply reject a wrong size with the data untouched", "[hadamard][errors]")

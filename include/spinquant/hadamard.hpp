@@ -439,6 +439,10 @@ private:
     void run_rows(matrix_view<value_type> a, bool inverse, std::span<value_type> work) const noexcept
     {
         if (a.rows == 0) return;
+        if (a.rows == 1 && a.has_contiguous_rows()) {  // one vector: exactly as apply()
+            run(a.row(0), inverse, work, {a.data, n_});
+            return;
+        }
         if (run_tile(a.data, a.rows, a.row_stride, a.col_stride, inverse, work)) return;
         if (a.has_contiguous_rows()) {
             const std::size_t extent = (a.rows - 1) * a.row_stride + n_;  // the view's memory, row 0 to the end
@@ -505,7 +509,15 @@ private:
                 detail::fwht_pow2_scaled<value_type, Arch>(x, scalar, {}, region);
             return;
         }
-        // Short rows: the tile kernel with one row (cheaper than the scalar column product).
+        // m = 1 (n = K): the sign tables in scalars. Other short rows: the tile kernel with one row.
+        if (m_ == 1 && work.size() >= detail::hadamard_mix_vector_workspace(mix_)) {
+            const auto& table = inverse ? mix_inverse_ : mix_;
+            if (!inverse && has_signs)
+                for (std::size_t i = 0; i < n_; ++i) x[i] *= scaled_signs_[i];
+            const multiplier out = !has_signs ? scalar : inverse ? scaled_signs : multiplier{};
+            detail::hadamard_mix_vector<value_type, Arch>(x.data(), table, work, out);
+            return;
+        }
         if (run_tile(x.data(), 1, n_, 1, inverse, work)) return;
         // K > 1: the K row transforms (forward: signs on the way in), then the mix, which applies
         // the scale (and, inverse, the signs) on its way out.

@@ -13,6 +13,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -127,10 +128,14 @@ SPINQUANT_FWHT_INLINE void hadamard_mix_accumulate(std::array<std::array<xsimd::
     for (std::size_t q = 0; q < count; ++q) {
         const T* tq = tables + q * group_elements;
         const std::uint16_t* oq = offsets + q * 4;
+        // The 4 offsets of a block of rows in one 64-bit load: the table loads keep the load
+        // ports busy enough.
+        std::array<std::uint64_t, Rows / 4> packed;
+        for (std::size_t b = 0; b < Rows / 4; ++b) std::memcpy(&packed[b], oq + b * groups_total * 4, sizeof(std::uint64_t));
         [&]<std::size_t... R>(std::index_sequence<R...>) SPINQUANT_FWHT_LAMBDA_INLINE {
             (
                 [&]() SPINQUANT_FWHT_LAMBDA_INLINE {
-                    const T* e = tq + oq[(R / 4) * groups_total * 4 + R % 4];
+                    const T* e = tq + ((packed[R / 4] >> (16 * (R % 4))) & 0xFFFF);
                     for (std::size_t w = 0; w < W; ++w)
                         acc[R][w] += batch::load_unaligned(e + w * (group_elements / W));
                 }(),
@@ -350,9 +355,28 @@ template <class T, class Arch>
                                                                        std::size_t blocks, std::size_t blk) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
-    const std::size_t w = hadamard_tile_width<T, Arch>(m);
     const auto shift = static_cast<unsigned>(std::countr_zero(m));
-    return ((((j & (m - 1)) / w) * k + (j >> shift)) * blocks + blk) * lanes;
+    const auto w_shift = static_cast<unsigned>(std::countr_zero(hadamard_tile_width<T, Arch>(m)));
+    return ((((j & (m - 1)) >> w_shift) * k + (j >> shift)) * blocks + blk) * lanes;
+}
+
+/// The registers of the R consecutive groups of w = L / R columns from j0 on (j0 a multiple of
+/// w), as offsets into the tile.
+template <class T, class Arch, std::size_t R>
+[[nodiscard]] SPINQUANT_FWHT_INLINE std::array<std::size_t, R> hadamard_tile_registers(std::size_t j0, std::size_t k,
+                                                                                       std::size_t m,
+                                                                                       std::size_t blocks,
+                                                                                       std::size_t blk) noexcept
+{
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    constexpr std::size_t w = lanes / R;
+    const auto shift = static_cast<unsigned>(std::countr_zero(m));
+    std::array<std::size_t, R> at;
+    for (std::size_t p = 0; p < R; ++p) {
+        const std::size_t j = j0 + p * w;
+        at[p] = ((((j & (m - 1)) / w) * k + (j >> shift)) * blocks + blk) * lanes;
+    }
+    return at;
 }
 
 /// Elements per block for the spilled registers of hadamard_tile_move_short (0 unless n < L).
@@ -471,19 +495,21 @@ SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_columns(T* block, std::size_t row
                                                        std::size_t blk) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
-    constexpr std::size_t w = batch::size / R;
-    std::array<std::size_t, R> at;  // register p of the tile: columns j0 + p w ... of every row
-    for (std::size_t p = 0; p < R; ++p) at[p] = hadamard_tile_register<T, Arch>(j0 + p * w, k, m, blocks, blk);
+    // Register p of the tile: columns j0 + p w ... of every row.
+    const std::array<std::size_t, R> at = hadamard_tile_registers<T, Arch, R>(j0, k, m, blocks, blk);
     std::array<batch, R> v;
-    if constexpr (Load) {
-        for (std::size_t q = 0; q < R; ++q) v[q] = batch::load_unaligned(block + q * row_stride + j0);
-        hadamard_tile_transpose<T, Arch, R>(v);
-        for (std::size_t p = 0; p < R; ++p) v[p].store_unaligned(tile + at[p]);
-    } else {
-        for (std::size_t p = 0; p < R; ++p) v[p] = batch::load_unaligned(tile + at[p]);
-        hadamard_tile_transpose<T, Arch, R>(v);
-        for (std::size_t q = 0; q < R; ++q) v[q].store_unaligned(block + q * row_stride + j0);
-    }
+    // Fold expressions: the registers stay registers.
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+        if constexpr (Load) {
+            ((v[I] = batch::load_unaligned(block + I * row_stride + j0)), ...);
+            hadamard_tile_transpose<T, Arch, R>(v);
+            (v[I].store_unaligned(tile + at[I]), ...);
+        } else {
+            ((v[I] = batch::load_unaligned(tile + at[I])), ...);
+            hadamard_tile_transpose<T, Arch, R>(v);
+            (v[I].store_unaligned(block + I * row_stride + j0), ...);
+        }
+    }(std::make_index_sequence<R>{});
 }
 
 /// Moves R full contiguous rows (n = K m >= L columns) into block `blk` of the tile (Load) or
@@ -505,33 +531,50 @@ void hadamard_tile_move(T* block, std::size_t row_stride, T* tile, std::size_t k
 
 /// Rows shorter than a register (n < L <= 2 n), packed (row q at block + q n), into block `blk`
 /// of the tile (Load) or back (!Load): row q is loaded and stored as the L elements from its
-/// start on, i.e. with the first L - n elements of row q + 1 (of the next block for the last
-/// row: the caller makes sure there is one). Their registers go to `spill` and come back
-/// untouched, and the rows are stored in order, so each row's spill is overwritten by the row
-/// it belongs to, and the last one rewrites the next block's values as they are.
+/// start on, i.e. with the first L - n elements of row q + 1. Their registers go to `spill` and
+/// come back untouched, and the rows are stored in order, so each row's spill is overwritten by
+/// the row it belongs to. The last row overlaps the next block's first row (rewritten with its
+/// values as they are) unless `last`, where it goes through a small buffer instead.
 template <class T, class Arch, std::size_t R, bool Load>
 SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_short(T* block, T* tile, T* spill, std::size_t k, std::size_t m,
-                                                     std::size_t blocks, std::size_t blk) noexcept
+                                                     std::size_t blocks, std::size_t blk, bool last) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     constexpr std::size_t lanes = batch::size;
     constexpr std::size_t w = lanes / R;
     const std::size_t n = k * m;
     const std::size_t inside = n / w;  // registers of real columns; the others spill
+    const std::array<std::size_t, R> offsets = hadamard_tile_registers<T, Arch, R>(0, k, m, blocks, blk);
     std::array<T*, R> at;
-    for (std::size_t p = 0; p < R; ++p)
-        at[p] = p < inside ? tile + hadamard_tile_register<T, Arch>(p * w, k, m, blocks, blk)
-                           : spill + (p - inside) * lanes;
+    for (std::size_t p = 0; p < R; ++p) at[p] = p < inside ? tile + offsets[p] : spill + (p - inside) * lanes;
     std::array<batch, R> v;
-    if constexpr (Load) {
-        for (std::size_t q = 0; q < R; ++q) v[q] = batch::load_unaligned(block + q * n);
-        hadamard_tile_transpose<T, Arch, R>(v);
-        for (std::size_t p = 0; p < R; ++p) v[p].store_unaligned(at[p]);
-    } else {
-        for (std::size_t p = 0; p < R; ++p) v[p] = batch::load_unaligned(at[p]);
-        hadamard_tile_transpose<T, Arch, R>(v);
-        for (std::size_t q = 0; q < R; ++q) v[q].store_unaligned(block + q * n);
-    }
+    T* final_row = block + (R - 1) * n;
+    std::array<T, lanes> buffer{};
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+        if constexpr (Load) {
+            ((v[I] = batch::load_unaligned(block + I * n)), ...);  // rows 0 .. R - 2
+            if (last) {
+                for (std::size_t j = 0; j < n; ++j) buffer[j] = final_row[j];
+                v[R - 1] = batch::load_unaligned(buffer.data());
+            } else {
+                v[R - 1] = batch::load_unaligned(final_row);
+            }
+            hadamard_tile_transpose<T, Arch, R>(v);
+            ((v[I].store_unaligned(at[I])), ...);
+            v[R - 1].store_unaligned(at[R - 1]);
+        } else {
+            ((v[I] = batch::load_unaligned(at[I])), ...);
+            v[R - 1] = batch::load_unaligned(at[R - 1]);
+            hadamard_tile_transpose<T, Arch, R>(v);
+            (v[I].store_unaligned(block + I * n), ...);  // in order: each row mends the spill of the one before
+            if (last) {
+                v[R - 1].store_unaligned(buffer.data());
+                for (std::size_t j = 0; j < n; ++j) final_row[j] = buffer[j];
+            } else {
+                v[R - 1].store_unaligned(final_row);
+            }
+        }
+    }(std::make_index_sequence<R - 1>{});
 }
 
 /// The same for the first `valid` <= R rows in any layout (element (q, j) at block[q *
@@ -644,19 +687,19 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
     T* tile = work.data() + skip;
     T* spill = tile + full_blocks * tile_rows * n;
     const std::span<T> rest = work.subspan(skip + full_blocks * (tile_rows * n + hadamard_tile_spill<T, Arch>(k, m)));
-    // How block `blk` (rows first, ..., first + R - 1, all of them there) moves: register
-    // transposes of L columns at a time (n >= L), one register as it is (packed rows, n = w, so
-    // the block is one register in the tile's layout), transposes of overlapping rows (packed,
-    // L <= 2 n, and a row after the block to overlap), else element copies.
+    // How a block of R rows (all of them there) moves: register transposes of L columns at a time
+    // (n >= L), one register as it is (packed rows, n = w, so the block is one register in the
+    // tile's layout), transposes of overlapping rows (packed, L <= 2 n), else element copies.
     enum class way { columns, whole, overlapping, copy };
-    const auto how = [&](std::size_t first) {
+    const way by_registers = [&] {
         if (method == fwht_lane_method::scalar || col_stride != 1) return way::copy;
         if (n >= lanes) return way::columns;
         if (row_stride != n) return way::copy;
         if (n == w) return way::whole;
-        return 2 * n >= lanes && first + tile_rows < rows ? way::overlapping : way::copy;
-    };
-    const auto move = [&]<bool Load>(T* block, std::size_t blocks, std::size_t blk, way by) {
+        return 2 * n >= lanes ? way::overlapping : way::copy;
+    }();
+    const auto move = [&]<bool Load>(std::size_t first, std::size_t blocks, std::size_t blk, way by) {
+        T* block = data + first * row_stride;
         if (by == way::whole) {
             T* e = tile + blk * lanes;
             if constexpr (Load)
@@ -670,7 +713,8 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
             if (by == way::columns)
                 hadamard_tile_move<T, Arch, R, Load>(block, row_stride, tile, k, m, blocks, blk);
             else
-                hadamard_tile_move_short<T, Arch, R, Load>(block, tile, spilled, k, m, blocks, blk);
+                hadamard_tile_move_short<T, Arch, R, Load>(block, tile, spilled, k, m, blocks, blk,
+                                                           first + tile_rows == rows);
         };
         if constexpr (method == fwht_lane_method::zip) {
             run.template operator()<lanes>();  // w = 1, R = L
@@ -695,37 +739,109 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
         for (std::size_t blk = 0; blk < blocks; ++blk) {
             const std::size_t first = r0 + blk * tile_rows;
             const std::size_t valid = std::min(tile_rows, rows - first);
-            const way by = valid == tile_rows ? how(first) : way::copy;
+            const way by = valid == tile_rows ? by_registers : way::copy;
             if (by != way::copy)
-                move.template operator()<true>(data + first * row_stride, blocks, blk, by);
+                move.template operator()<true>(first, blocks, blk, by);
             else
                 hadamard_tile_copy<T, Arch, true>(data + first * row_stride, valid, row_stride, col_stride, tile, k, m,
                                                   blocks, blk);
         }
-        switch (m / w) {
-        case 1: hadamard_tile_transform<T, Arch, 1>(tile, k, w, blocks, in, after_transform); break;
-        case 2: hadamard_tile_transform<T, Arch, 2>(tile, k, w, blocks, in, after_transform); break;
-        case 4: hadamard_tile_transform<T, Arch, 4>(tile, k, w, blocks, in, after_transform); break;
-        default: hadamard_tile_transform<T, Arch, 8>(tile, k, w, blocks, in, after_transform); break;
+        // With m = 1 there is nothing to transform: a scale rides on the mix, signs need the pass.
+        const bool scale_in_mix = t != nullptr && m == 1 && in.kind != fwht_scale::vector;
+        if (!scale_in_mix) {
+            switch (m / w) {
+            case 1: hadamard_tile_transform<T, Arch, 1>(tile, k, w, blocks, in, after_transform); break;
+            case 2: hadamard_tile_transform<T, Arch, 2>(tile, k, w, blocks, in, after_transform); break;
+            case 4: hadamard_tile_transform<T, Arch, 4>(tile, k, w, blocks, in, after_transform); break;
+            default: hadamard_tile_transform<T, Arch, 8>(tile, k, w, blocks, in, after_transform); break;
+            }
         }
         if (t != nullptr) {
             // Strips of two registers when there is room for at most two rounds of them.
             const std::size_t most =
                 blocks % 2 == 0 && rest.size() >= hadamard_mix_workspace<T, Arch>(*t, 2, (t->groups + 1) / 2) ? 2 : 1;
+            const fwht_multiplier<T> mix_out = scale_in_mix ? in : fwht_multiplier<T>{};
             for (std::size_t c = 0; c < m / w; ++c)
-                hadamard_mix_strips<T, Arch>(tile + c * k * blocks * lanes, blocks * lanes, *t, rest, {}, {}, most);
+                hadamard_mix_strips<T, Arch>(tile + c * k * blocks * lanes, blocks * lanes, *t, rest, mix_out, {}, most);
             if (out.kind != fwht_scale::none)
                 hadamard_tile_transform<T, Arch, 1>(tile, (m / w) * k, 1, blocks, out, {});
         }
         for (std::size_t blk = 0; blk < blocks; ++blk) {
             const std::size_t first = r0 + blk * tile_rows;
             const std::size_t valid = std::min(tile_rows, rows - first);
-            const way by = valid == tile_rows ? how(first) : way::copy;
+            const way by = valid == tile_rows ? by_registers : way::copy;
             if (by != way::copy)
-                move.template operator()<false>(data + first * row_stride, blocks, blk, by);
+                move.template operator()<false>(first, blocks, blk, by);
             else
                 hadamard_tile_copy<T, Arch, false>(data + first * row_stride, valid, row_stride, col_stride, tile, k,
                                                    m, blocks, blk);
+        }
+    }
+}
+
+/// Elements of workspace hadamard_mix_vector needs: the sign tables of all groups, in scalars.
+[[nodiscard]] inline std::size_t hadamard_mix_vector_workspace(const hadamard_mix_table& t) noexcept
+{
+    return t.groups << t.group_bits;
+}
+
+/// x (K elements, one vector with m = 1) <- diag(out) (H x), H given by `t`, with the sign
+/// tables in scalars: every group's 2^g signed sums, then K / g table entries per output. For a
+/// single short vector, where a register's lanes would have nothing else to do. `out` is none, a
+/// scalar or K values. Allocation-free.
+template <class T, class Arch>
+void hadamard_mix_vector(T* x, const hadamard_mix_table& t, std::span<T> work, const fwht_multiplier<T>& out) noexcept
+{
+    const std::size_t k = t.order;
+    const std::size_t entries = std::size_t{1} << t.group_bits;
+    SPINQUANT_ASSERT(work.size() >= hadamard_mix_vector_workspace(t));
+    for (std::size_t q = 0; q < t.groups; ++q) {
+        // Entry p: sum over b of (-1)^(bit b of p) x[q g + b], doubled one input at a time.
+        T* e = work.data() + q * entries;
+        const std::size_t first = q * t.group_bits;
+        e[0] = x[first];
+        e[1] = -x[first];
+        for (std::size_t b = 1; b < t.group_bits; ++b) {
+            const T a = first + b < k ? x[first + b] : T(0);
+            const std::size_t half = std::size_t{1} << b;
+            for (std::size_t p = 0; p < half; ++p) {
+                e[p + half] = e[p] - a;
+                e[p] = e[p] + a;
+            }
+        }
+    }
+    const auto shift = static_cast<unsigned>(std::countr_zero(t.lanes));  // offsets are p * lanes
+    for (std::size_t i0 = 0; i0 < k; i0 += 4) {
+        // 4 outputs, each as two partial sums (even and odd groups): 8 independent chains of
+        // adds, in named variables so that they stay in registers.
+        T a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+        const std::uint16_t* o = t.offsets.data() + (i0 / 4) * t.groups * 4;
+        const T* e = work.data();
+        std::size_t q = 0;
+        for (; q + 2 <= t.groups; q += 2, o += 8, e += 2 * entries) {
+            a0 += e[o[0] >> shift];
+            a1 += e[o[1] >> shift];
+            a2 += e[o[2] >> shift];
+            a3 += e[o[3] >> shift];
+            b0 += e[entries + (o[4] >> shift)];
+            b1 += e[entries + (o[5] >> shift)];
+            b2 += e[entries + (o[6] >> shift)];
+            b3 += e[entries + (o[7] >> shift)];
+        }
+        if (q < t.groups) {
+            a0 += e[o[0] >> shift];
+            a1 += e[o[1] >> shift];
+            a2 += e[o[2] >> shift];
+            a3 += e[o[3] >> shift];
+        }
+        const std::array<T, 4> sums{a0 + b0, a1 + b1, a2 + b2, a3 + b3};
+        for (std::size_t u = 0; u < 4; ++u) {
+            T v = sums[u];
+            if (out.kind == fwht_scale::scalar)
+                v *= out.scalar;
+            else if (out.kind == fwht_scale::vector)
+                v *= out.values[i0 + u];
+            x[i0 + u] = v;
         }
     }
 }
