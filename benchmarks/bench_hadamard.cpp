@@ -229,11 +229,11 @@ void composite_sizes(benchmark::internal::Benchmark* b)
 }
 
 /// Short rows: K 2^k with 2^k below a register, 256-row token blocks, and single vectors of the
-/// R4 sizes. 12 = 12 * 1, 48 = 12 * 4, 56 = 28 * 2, 156 = 156 * 1, 160 = 20 * 8, 172 = 172 * 1,
-/// 344 = 172 * 2, 688 = 172 * 4.
+/// R4 sizes. 12 = 12 * 1, 20 = 20 * 1, 48 = 12 * 4, 56 = 28 * 2, 156 = 156 * 1, 160 = 20 * 8,
+/// 172 = 172 * 1, 344 = 172 * 2, 688 = 172 * 4.
 void block_sizes(benchmark::internal::Benchmark* b)
 {
-    for (const std::int64_t n : {12, 48, 56, 156, 160, 172, 344, 688}) b->Args({n, 256});
+    for (const std::int64_t n : {12, 20, 48, 56, 156, 160, 172, 344, 688}) b->Args({n, 256});
     for (const std::int64_t n : {172, 688}) b->Args({n, 1});
 }
 

@@ -623,14 +623,14 @@ TEMPLATE_TEST_CASE("short rows: apply is apply_rows on one row, the workspace ov
     CHECK(by_rows == by_rows_work);
     CHECK(inverse == inverse_work);
     // Many rows (a block kernel) and one vector at a time (for m = 1 another kernel) agree to rounding.
-    const double tol = 2 * spinquant::test::transform_tolerance<TestType>(
-                               static_cast<double>(n), exact_divisor(n), spinquant::test::transform_depth(n, plan.order()));
+    const double depth = spinquant::test::transform_depth(n, plan.order());
+    const double tol = 2 * spinquant::test::transform_tolerance<TestType>(static_cast<double>(n), exact_divisor(n), depth);
     for (std::size_t i = 0; i < x.size(); ++i)
-        REQUIRE_THAT(static_cast<double>(by_rows[i]), Catch::Matchers::WithinAbs(static_cast<double>(by_vector[i]), tol));
+        REQUIRE_THAT(static_cast<double>(by_rows[i]),
+                     Catch::Matchers::WithinAbs(static_cast<double>(by_vector[i]), tol));
     // And back.
     plan.apply_inverse_rows(spinquant::as_matrix_view(by_rows.data(), rows, n));
-    const double back = 2 * spinquant::test::transform_tolerance<TestType>(
-                                static_cast<double>(n), 1.0, spinquant::test::transform_depth(n, plan.order()));
+    const double back = 2 * spinquant::test::transform_tolerance<TestType>(static_cast<double>(n), 1.0, depth);
     for (std::size_t i = 0; i < x.size(); ++i)
         REQUIRE_THAT(static_cast<double>(by_rows[i]), Catch::Matchers::WithinAbs(static_cast<double>(x[i]), back));
     CHECK(plan.workspace_size() > 0);

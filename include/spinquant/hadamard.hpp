@@ -471,7 +471,8 @@ private:
         if (k_ == 1) {
             // n < L: a small tile, and no mix.
             std::array<value_type, small_tile_size()> small;
-            detail::hadamard_tile_rows<value_type, Arch>(data, rows, row_stride, col_stride, m_, nullptr, small, in, out);
+            detail::hadamard_tile_rows<value_type, Arch>(data, rows, row_stride, col_stride, m_, nullptr, small, in,
+                                                         out);
             return true;
         }
         const auto& table = inverse ? mix_inverse_ : mix_;

@@ -131,7 +131,8 @@ SPINQUANT_FWHT_INLINE void hadamard_mix_accumulate(std::array<std::array<xsimd::
         // The 4 offsets of a block of rows in one 64-bit load: the table loads keep the load
         // ports busy enough.
         std::array<std::uint64_t, Rows / 4> packed;
-        for (std::size_t b = 0; b < Rows / 4; ++b) std::memcpy(&packed[b], oq + b * groups_total * 4, sizeof(std::uint64_t));
+        for (std::size_t b = 0; b < Rows / 4; ++b)
+            std::memcpy(&packed[b], oq + b * groups_total * 4, sizeof(std::uint64_t));
         [&]<std::size_t... R>(std::index_sequence<R...>) SPINQUANT_FWHT_LAMBDA_INLINE {
             (
                 [&]() SPINQUANT_FWHT_LAMBDA_INLINE {
@@ -269,9 +270,9 @@ SPINQUANT_FWHT_FLATTEN void hadamard_mix_strips_g(T* x, std::size_t m, const had
 /// workspace: the most (up to `most`) that divide m and fit, or 0 when the kernel cannot run
 /// (then use hadamard_mix_columns).
 template <class T, class Arch>
-[[nodiscard]] constexpr std::size_t hadamard_mix_strip_width(const hadamard_mix_table& t, std::size_t m,
-                                                             std::size_t available,
-                                                             std::size_t most = hadamard_mix_strip_registers<Arch>) noexcept
+[[nodiscard]] constexpr std::size_t hadamard_mix_strip_width(
+    const hadamard_mix_table& t, std::size_t m, std::size_t available,
+    std::size_t most = hadamard_mix_strip_registers<Arch>) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     for (std::size_t w = std::min(most, hadamard_mix_strip_registers<Arch>); w >= 1; w /= 2)
@@ -321,7 +322,9 @@ void hadamard_mix_strips(T* x, std::size_t m, const hadamard_mix_table& t, std::
 // so that for each c_hi the tile is a K x (blocks L) row-major matrix whose columns are
 // independent vectors: exactly the input of the strip kernel above, which then mixes all the
 // blocks in one call. The moves between rows and tile are register transposes (R x R blocks of
-// w elements) for contiguous rows, element copies for any other layout and a last partial block.
+// w elements) for contiguous rows (of overlapping rows for packed rows shorter than a register),
+// element copies for any other layout and a last partial block. A single vector with m = 1 has
+// its own scalar sign-table kernel (hadamard_mix_vector, below), as its tile would be one lane.
 
 /// w: columns of one row side by side in a register of the tile kernel (m < L).
 template <class T, class Arch>
@@ -399,7 +402,8 @@ template <class T, class Arch>
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     const std::size_t k = t != nullptr ? t->order : 1;
     const std::size_t blocks = hadamard_tile_blocks<T, Arch>(k, m);
-    const std::size_t tile = blocks * (hadamard_tile_rows<T, Arch>(m) * k * m + hadamard_tile_spill<T, Arch>(k, m)) + lanes;
+    const std::size_t block = hadamard_tile_rows<T, Arch>(m) * k * m + hadamard_tile_spill<T, Arch>(k, m);
+    const std::size_t tile = blocks * block + lanes;
     return t != nullptr ? tile + hadamard_mix_workspace<T, Arch>(*t, registers, groups_at_once) : tile;
 }
 
@@ -487,12 +491,42 @@ inline void hadamard_tile_transpose(std::array<xsimd::batch<T, Arch>, R>& v) noe
     }
 }
 
+/// One multiplier (none, scalar, or tile-layout vector at `at`) on a register.
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> hadamard_tile_scale(const xsimd::batch<T, Arch>& v,
+                                                                const fwht_multiplier<T>& f, std::size_t at) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    if (f.kind == fwht_scale::scalar) return v * batch(f.scalar);
+    if (f.kind == fwht_scale::vector) return v * batch::load_unaligned(f.values + at);
+    return v;
+}
+
+/// H_w on the w-lane groups of one register: the lane stages at distances H, ..., w/2 (as
+/// fwht_lane_stage).
+template <std::size_t H, class T, class Arch>
+inline void hadamard_tile_lane_stages(xsimd::batch<T, Arch>& v, std::size_t w) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::swizzle && H < batch::size) {
+        if (H < w) {
+            using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+            const batch partner =
+                xsimd::swizzle(v, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<H>>());
+            v = xsimd::fma(v, batch::load_unaligned(fwht_lane_signs<T, batch::size, H>.data()), partner);
+            hadamard_tile_lane_stages<2 * H, T, Arch>(v, w);
+        }
+    }
+}
+
 /// Moves the L columns from j0 on of R contiguous rows (row q at block + q * row_stride) into
 /// block `blk` of the tile (Load) or back (!Load): R loads, a register transpose, R stores.
+/// Loading, each register then gets `in` (tile layout) and, with w > 1, H_w: the whole m-point
+/// transform when m = w.
 template <class T, class Arch, std::size_t R, bool Load>
 SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_columns(T* block, std::size_t row_stride, T* tile, std::size_t j0,
                                                        std::size_t k, std::size_t m, std::size_t blocks,
-                                                       std::size_t blk) noexcept
+                                                       std::size_t blk, const fwht_multiplier<T>& in) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     // Register p of the tile: columns j0 + p w ... of every row.
@@ -503,6 +537,9 @@ SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_columns(T* block, std::size_t row
         if constexpr (Load) {
             ((v[I] = batch::load_unaligned(block + I * row_stride + j0)), ...);
             hadamard_tile_transpose<T, Arch, R>(v);
+            const std::array<std::size_t, R> factor = hadamard_tile_registers<T, Arch, R>(j0, k, m, 1, 0);
+            ((v[I] = hadamard_tile_scale<T, Arch>(v[I], in, factor[I])), ...);
+            (hadamard_tile_lane_stages<1, T, Arch>(v[I], batch::size / R), ...);
             (v[I].store_unaligned(tile + at[I]), ...);
         } else {
             ((v[I] = batch::load_unaligned(tile + at[I])), ...);
@@ -512,21 +549,22 @@ SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_columns(T* block, std::size_t row
     }(std::make_index_sequence<R>{});
 }
 
-/// Moves R full contiguous rows (n = K m >= L columns) into block `blk` of the tile (Load) or
-/// back (!Load), L columns at a time.
+/// Moves R full contiguous rows (n = K m >= L columns) into block `blk` of the tile (Load, with
+/// `in` and H_w as hadamard_tile_move_columns) or back (!Load), L columns at a time.
 template <class T, class Arch, std::size_t R, bool Load>
 void hadamard_tile_move(T* block, std::size_t row_stride, T* tile, std::size_t k, std::size_t m, std::size_t blocks,
-                        std::size_t blk) noexcept
+                        std::size_t blk, const fwht_multiplier<T>& in) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     const std::size_t n = k * m;
     SPINQUANT_ASSERT(n >= lanes);
     std::size_t j0 = 0;
     for (; j0 + lanes <= n; j0 += lanes)
-        hadamard_tile_move_columns<T, Arch, R, Load>(block, row_stride, tile, j0, k, m, blocks, blk);
+        hadamard_tile_move_columns<T, Arch, R, Load>(block, row_stride, tile, j0, k, m, blocks, blk, in);
     // The last L columns again, overlapping the ones before (n - L is a multiple of w): the tile
     // gets the same values twice on the way in, the rows the same final values on the way out.
-    if (j0 < n) hadamard_tile_move_columns<T, Arch, R, Load>(block, row_stride, tile, n - lanes, k, m, blocks, blk);
+    if (j0 < n)
+        hadamard_tile_move_columns<T, Arch, R, Load>(block, row_stride, tile, n - lanes, k, m, blocks, blk, in);
 }
 
 /// Rows shorter than a register (n < L <= 2 n), packed (row q at block + q n), into block `blk`
@@ -534,10 +572,12 @@ void hadamard_tile_move(T* block, std::size_t row_stride, T* tile, std::size_t k
 /// start on, i.e. with the first L - n elements of row q + 1. Their registers go to `spill` and
 /// come back untouched, and the rows are stored in order, so each row's spill is overwritten by
 /// the row it belongs to. The last row overlaps the next block's first row (rewritten with its
-/// values as they are) unless `last`, where it goes through a small buffer instead.
+/// values as they are) unless `last`, where it goes through a small buffer instead. Loading
+/// applies `in` and H_w as hadamard_tile_move_columns.
 template <class T, class Arch, std::size_t R, bool Load>
 SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_short(T* block, T* tile, T* spill, std::size_t k, std::size_t m,
-                                                     std::size_t blocks, std::size_t blk, bool last) noexcept
+                                                     std::size_t blocks, std::size_t blk, bool last,
+                                                     const fwht_multiplier<T>& in) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     constexpr std::size_t lanes = batch::size;
@@ -560,6 +600,15 @@ SPINQUANT_FWHT_FLATTEN void hadamard_tile_move_short(T* block, T* tile, T* spill
                 v[R - 1] = batch::load_unaligned(final_row);
             }
             hadamard_tile_transpose<T, Arch, R>(v);
+            const std::array<std::size_t, R> factor = hadamard_tile_registers<T, Arch, R>(0, k, m, 1, 0);
+            const auto finish = [&](batch& r, std::size_t p) {  // the spill stays as it is
+                if (p < inside) {
+                    r = hadamard_tile_scale<T, Arch>(r, in, factor[p]);
+                    hadamard_tile_lane_stages<1, T, Arch>(r, w);
+                }
+            };
+            (finish(v[I], I), ...);
+            finish(v[R - 1], R - 1);
             ((v[I].store_unaligned(at[I])), ...);
             v[R - 1].store_unaligned(at[R - 1]);
         } else {
@@ -605,47 +654,20 @@ void hadamard_tile_copy(T* block, std::size_t valid, std::size_t row_stride, std
     }
 }
 
-/// One multiplier (none, scalar, or tile-layout vector at `at`) on a register.
-template <class T, class Arch>
-inline xsimd::batch<T, Arch> hadamard_tile_scale(const xsimd::batch<T, Arch>& v,
-                                                                const fwht_multiplier<T>& f, std::size_t at) noexcept
-{
-    using batch = xsimd::batch<T, Arch>;
-    if (f.kind == fwht_scale::scalar) return v * batch(f.scalar);
-    if (f.kind == fwht_scale::vector) return v * batch::load_unaligned(f.values + at);
-    return v;
-}
-
-/// H_w on the w-lane groups of one register: the lane stages at distances H, ..., w/2 (as
-/// fwht_lane_stage).
-template <std::size_t H, class T, class Arch>
-inline void hadamard_tile_lane_stages(xsimd::batch<T, Arch>& v, std::size_t w) noexcept
-{
-    using batch = xsimd::batch<T, Arch>;
-    if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::swizzle && H < batch::size) {
-        if (H < w) {
-            using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-            const batch partner =
-                xsimd::swizzle(v, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<H>>());
-            v = xsimd::fma(v, batch::load_unaligned(fwht_lane_signs<T, batch::size, H>.data()), partner);
-            hadamard_tile_lane_stages<2 * H, T, Arch>(v, w);
-        }
-    }
-}
-
-/// The m-point transforms of every row in the tile (`blocks` blocks), with `in` before and
-/// `out` after them (multipliers in the layout of hadamard_tile_multiplier): per b and block,
+/// The m-point transforms of every row in blocks [first, last) of the tile (`blocks` blocks),
+/// with `in` before and `out` after them (multipliers in the layout of
+/// hadamard_tile_multiplier): per b and block,
 /// the C = m / w registers (c_hi, b) hold the block's K x m column b; H_w inside each register,
 /// H_C between them. With w = 1 and C = 1 (k then counting all registers), only the multipliers.
 template <class T, class Arch, std::size_t C>
 SPINQUANT_FWHT_FLATTEN void hadamard_tile_transform(T* tile, std::size_t k, std::size_t w, std::size_t blocks,
-                                                    const fwht_multiplier<T>& in,
+                                                    std::size_t first, std::size_t last, const fwht_multiplier<T>& in,
                                                     const fwht_multiplier<T>& out) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     constexpr std::size_t lanes = batch::size;
     for (std::size_t b = 0; b < k; ++b)
-        for (std::size_t blk = 0; blk < blocks; ++blk) {
+        for (std::size_t blk = first; blk < last; ++blk) {
             std::array<batch, C> v;
             for (std::size_t c = 0; c < C; ++c) {
                 const std::size_t at = ((c * k + b) * blocks + blk) * lanes;
@@ -687,6 +709,10 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
     T* tile = work.data() + skip;
     T* spill = tile + full_blocks * tile_rows * n;
     const std::span<T> rest = work.subspan(skip + full_blocks * (tile_rows * n + hadamard_tile_spill<T, Arch>(k, m)));
+    // With no mix, `out` comes right after the m-point transforms; else after the mix. With a mix
+    // and m = w, the moves apply `in` and do the m-point transforms on the way (no extra pass).
+    const fwht_multiplier<T> after_transform = t != nullptr ? fwht_multiplier<T>{} : out;
+    const bool on_the_way = t != nullptr && m == w;
     // How a block of R rows (all of them there) moves: register transposes of L columns at a time
     // (n >= L), one register as it is (packed rows, n = w, so the block is one register in the
     // tile's layout), transposes of overlapping rows (packed, L <= 2 n), else element copies.
@@ -700,7 +726,9 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
     }();
     const auto move = [&]<bool Load>(std::size_t first, std::size_t blocks, std::size_t blk, way by) {
         T* block = data + first * row_stride;
-        if (by == way::whole) {
+        // Loading with a mix and m = w: `in` and the m-point transforms on the way.
+        const fwht_multiplier<T> with = on_the_way ? in : fwht_multiplier<T>{};
+        if (by == way::whole) {  // K = 1: no mix, so no multiplier either
             T* e = tile + blk * lanes;
             if constexpr (Load)
                 batch::load_unaligned(block).store_unaligned(e);
@@ -711,10 +739,10 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
         T* spilled = spill + blk * hadamard_tile_spill<T, Arch>(k, m);
         const auto run = [&]<std::size_t R>() {
             if (by == way::columns)
-                hadamard_tile_move<T, Arch, R, Load>(block, row_stride, tile, k, m, blocks, blk);
+                hadamard_tile_move<T, Arch, R, Load>(block, row_stride, tile, k, m, blocks, blk, with);
             else
                 hadamard_tile_move_short<T, Arch, R, Load>(block, tile, spilled, k, m, blocks, blk,
-                                                           first + tile_rows == rows);
+                                                           first + tile_rows == rows, with);
         };
         if constexpr (method == fwht_lane_method::zip) {
             run.template operator()<lanes>();  // w = 1, R = L
@@ -731,8 +759,17 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
             }
         }
     };
-    // With no mix, `out` comes right after the m-point transforms; else after the mix.
-    const fwht_multiplier<T> after_transform = t != nullptr ? fwht_multiplier<T>{} : out;
+    const auto transform = [&](std::size_t blocks, std::size_t first_blk, std::size_t last_blk) {
+        const auto run = [&]<std::size_t C>() {
+            hadamard_tile_transform<T, Arch, C>(tile, k, w, blocks, first_blk, last_blk, in, after_transform);
+        };
+        switch (m / w) {
+        case 1: run.template operator()<1>(); break;
+        case 2: run.template operator()<2>(); break;
+        case 4: run.template operator()<4>(); break;
+        default: run.template operator()<8>(); break;
+        }
+    };
     for (std::size_t r0 = 0; r0 < rows; r0 += full_blocks * tile_rows) {
         // The last tile has only as many blocks as it has rows for.
         const std::size_t blocks = std::min(full_blocks, (rows - r0 + tile_rows - 1) / tile_rows);
@@ -740,31 +777,23 @@ void hadamard_tile_rows(T* data, std::size_t rows, std::size_t row_stride, std::
             const std::size_t first = r0 + blk * tile_rows;
             const std::size_t valid = std::min(tile_rows, rows - first);
             const way by = valid == tile_rows ? by_registers : way::copy;
-            if (by != way::copy)
+            if (by != way::copy) {
                 move.template operator()<true>(first, blocks, blk, by);
-            else
+                if (!on_the_way) transform(blocks, blk, blk + 1);
+            } else {
                 hadamard_tile_copy<T, Arch, true>(data + first * row_stride, valid, row_stride, col_stride, tile, k, m,
                                                   blocks, blk);
-        }
-        // With m = 1 there is nothing to transform: a scale rides on the mix, signs need the pass.
-        const bool scale_in_mix = t != nullptr && m == 1 && in.kind != fwht_scale::vector;
-        if (!scale_in_mix) {
-            switch (m / w) {
-            case 1: hadamard_tile_transform<T, Arch, 1>(tile, k, w, blocks, in, after_transform); break;
-            case 2: hadamard_tile_transform<T, Arch, 2>(tile, k, w, blocks, in, after_transform); break;
-            case 4: hadamard_tile_transform<T, Arch, 4>(tile, k, w, blocks, in, after_transform); break;
-            default: hadamard_tile_transform<T, Arch, 8>(tile, k, w, blocks, in, after_transform); break;
+                transform(blocks, blk, blk + 1);
             }
         }
         if (t != nullptr) {
             // Strips of two registers when there is room for at most two rounds of them.
             const std::size_t most =
                 blocks % 2 == 0 && rest.size() >= hadamard_mix_workspace<T, Arch>(*t, 2, (t->groups + 1) / 2) ? 2 : 1;
-            const fwht_multiplier<T> mix_out = scale_in_mix ? in : fwht_multiplier<T>{};
             for (std::size_t c = 0; c < m / w; ++c)
-                hadamard_mix_strips<T, Arch>(tile + c * k * blocks * lanes, blocks * lanes, *t, rest, mix_out, {}, most);
+                hadamard_mix_strips<T, Arch>(tile + c * k * blocks * lanes, blocks * lanes, *t, rest, {}, {}, most);
             if (out.kind != fwht_scale::none)
-                hadamard_tile_transform<T, Arch, 1>(tile, (m / w) * k, 1, blocks, out, {});
+                hadamard_tile_transform<T, Arch, 1>(tile, (m / w) * k, 1, blocks, 0, blocks, out, {});
         }
         for (std::size_t blk = 0; blk < blocks; ++blk) {
             const std::size_t first = r0 + blk * tile_rows;
