@@ -829,6 +829,44 @@ TEST_CASE("the straight-through backward zeroes exactly the gradients of clipped
                     spinquant::error);
 }
 
+TEST_CASE("the straight-through backward with the forward pass's parameters equals the recomputing one", "[quantizer][backward]")
+{
+    const std::size_t rows = 6, cols = 32;
+    auto x = gaussian<float>(rows * cols, 25);
+    x[7] = 9.0f;
+    const auto xv = as_matrix_view(std::as_const(x).data(), rows, cols);
+    for (const quant_spec& spec : {quant_spec::weight(4, true, 0, true), quant_spec::weight(3, false, 16, true),
+                                  quant_spec::activation(4, false, 8, 0.8)}) {
+        INFO(describe(spec));
+        std::vector<quant_params<float>> p(param_count(spec, rows, cols));
+        find_params(xv, spec, std::span<quant_params<float>>(p));  // with the clip search where the spec asks
+        std::vector<float> g_recomputed(x.size()), g_given(x.size());
+        for (std::size_t e = 0; e < x.size(); ++e) g_recomputed[e] = g_given[e] = 0.5f + float(e);
+        fake_quantize_backward(xv, as_matrix_view(g_recomputed.data(), rows, cols), spec);
+        fake_quantize_backward(xv, as_matrix_view(g_given.data(), rows, cols), std::span<const quant_params<float>>(p), spec);
+        CHECK(g_given == g_recomputed);
+        CHECK(std::count(g_given.begin(), g_given.end(), 0.0f) > 0);  // something was clipped
+        // Other parameters give another mask: the overload uses the ones it is given.
+        auto wide = p;
+        for (auto& q : wide) q.scale *= 4.0f;
+        auto g_wide = g_given;
+        for (std::size_t e = 0; e < x.size(); ++e) g_wide[e] = 0.5f + float(e);
+        fake_quantize_backward(xv, as_matrix_view(g_wide.data(), rows, cols), std::span<const quant_params<float>>(wide), spec);
+        CHECK(std::count(g_wide.begin(), g_wide.end(), 0.0f) < std::count(g_given.begin(), g_given.end(), 0.0f));
+        // Bad parameters are rejected with grad untouched.
+        const auto before = g_wide;
+        CHECK_THROWS_AS(fake_quantize_backward(xv, as_matrix_view(g_wide.data(), rows, cols),
+                                               std::span<const quant_params<float>>(p).first(p.size() - 1), spec),
+                        spinquant::error);
+        auto bad = p;
+        bad[0].scale = 0.0f;
+        CHECK_THROWS_AS(fake_quantize_backward(xv, as_matrix_view(g_wide.data(), rows, cols),
+                                               std::span<const quant_params<float>>(bad), spec),
+                        spinquant::error);
+        CHECK(g_wide == before);
+    }
+}
+
 TEST_CASE("reference_compat reproduces the symmetric-only weight fake_quantize of asymmetric weights (SpinQuant#24)",
           "[quantizer]")
 {

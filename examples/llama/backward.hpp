@@ -486,6 +486,9 @@ private:
         mat v_in, o_in;                   // Wv·R1 and Wo·diag(R2): the factors the chain rule needs
         mat dq, dk, dv, dwo, dw1, dw2, dw3;  // gradients of the rotated (quantized) weights
         mat pq, pk, pv, po, p1, p2, p3;   // rotated weights before the quantizer (only when quantized)
+        // The quantizer's parameters of each, found once per call (with the clip search) and
+        // reused by the straight-through masks.
+        std::vector<spinquant::quant_params<T>> qq, qk, qv, qo, q1, q2, q3;
     };
 
     static const model_config& checked_config(const model& m)
@@ -556,16 +559,25 @@ private:
     }
 
     // Rotated weight `out` = `product`, quantized when the weights are; `pre` keeps the value the
-    // quantizer saw, which its straight-through mask is computed from.
+    // quantizer saw and `params` its parameters, which its straight-through mask is computed from.
     template <class Product, class W>
-    void store_weight(const Product& product, W& out, mat& pre)
+    void store_weight(const Product& product, W& out, mat& pre, std::vector<spinquant::quant_params<T>>& params)
     {
         if (sites_.weights) {
             pre.noalias() = product;
-            spinquant::fake_quantize(pre, out.view(), sites_.weight);
+            quantize_weight(pre, out, params);
         } else {
             detail::map_mut(out).noalias() = product;
         }
+    }
+
+    template <class W>
+    void quantize_weight(const mat& pre, W& out, std::vector<spinquant::quant_params<T>>& params)
+    {
+        params.resize(spinquant::param_count(sites_.weight, out.rows, out.cols));
+        spinquant::find_params(pre, sites_.weight, std::span<spinquant::quant_params<T>>(params));
+        detail::map_mut(out) = pre;
+        spinquant::fake_quantize(out.view(), std::span<const spinquant::quant_params<T>>(params), sites_.weight);
     }
 
     void build_network()
@@ -578,11 +590,11 @@ private:
             const auto& w = src_.layers[l];
             auto& o = net_.layers[l];
             layer_state& s = layers_[l];
-            store_weight(detail::map(w.wq) * r1_, o.wq, s.pq);
-            store_weight(detail::map(w.wk) * r1_, o.wk, s.pk);
-            store_weight(detail::map(w.w1) * r1_, o.w1, s.p1);
-            store_weight(detail::map(w.w3) * r1_, o.w3, s.p3);
-            store_weight(r1_.transpose() * detail::map(w.w2), o.w2, s.p2);
+            store_weight(detail::map(w.wq) * r1_, o.wq, s.pq, s.qq);
+            store_weight(detail::map(w.wk) * r1_, o.wk, s.pk, s.qk);
+            store_weight(detail::map(w.w1) * r1_, o.w1, s.p1, s.q1);
+            store_weight(detail::map(w.w3) * r1_, o.w3, s.p3, s.q3);
+            store_weight(r1_.transpose() * detail::map(w.w2), o.w2, s.p2, s.q2);
             // v_proj: diag(R2)ᵀ·(Wv·R1), one R2 per kv head's block of output rows.
             s.v_in.noalias() = detail::map(w.wv) * r1_;
             mat& pv = sites_.weights ? s.pv : ga_;
@@ -591,7 +603,7 @@ private:
                 pv.middleRows(r, ehs).noalias() = s.r2.transpose() * s.v_in.middleRows(r, ehs);
             }
             if (sites_.weights)
-                spinquant::fake_quantize(pv, o.wv.view(), sites_.weight);
+                quantize_weight(pv, o.wv, s.qv);
             else
                 detail::map_mut(o.wv) = pv;
             // o_proj: R1ᵀ·(Wo·diag(R2)), one R2 per query head's block of input columns.
@@ -600,7 +612,7 @@ private:
                 const auto c = static_cast<Eigen::Index>(h * hs);
                 s.o_in.middleCols(c, ehs).noalias() = wo.middleCols(c, ehs) * s.r2;
             }
-            store_weight(r1_.transpose() * s.o_in, o.wo, s.po);
+            store_weight(r1_.transpose() * s.o_in, o.wo, s.po, s.qo);
         }
     }
 
@@ -749,14 +761,16 @@ private:
             const auto& w = src_.layers[l];
             layer_state& s = layers_[l];
             if (sites_.weights) {
-                const auto& spec = sites_.weight;
-                spinquant::fake_quantize_backward(s.pq, s.dq, spec);
-                spinquant::fake_quantize_backward(s.pk, s.dk, spec);
-                spinquant::fake_quantize_backward(s.pv, s.dv, spec);
-                spinquant::fake_quantize_backward(s.po, s.dwo, spec);
-                spinquant::fake_quantize_backward(s.p1, s.dw1, spec);
-                spinquant::fake_quantize_backward(s.p2, s.dw2, spec);
-                spinquant::fake_quantize_backward(s.p3, s.dw3, spec);
+                const auto mask = [&](const mat& pre, mat& grad, const std::vector<spinquant::quant_params<T>>& params) {
+                    spinquant::fake_quantize_backward(pre, grad, std::span<const spinquant::quant_params<T>>(params), sites_.weight);
+                };
+                mask(s.pq, s.dq, s.qq);
+                mask(s.pk, s.dk, s.qk);
+                mask(s.pv, s.dv, s.qv);
+                mask(s.po, s.dwo, s.qo);
+                mask(s.p1, s.dw1, s.q1);
+                mask(s.p2, s.dw2, s.q2);
+                mask(s.p3, s.dw3, s.q3);
             }
             // Readers W·R1: ∂/∂R1 = Wᵀ·G.
             g1_.noalias() += detail::map(w.wq).transpose() * s.dq;

@@ -456,7 +456,7 @@ int run(const options& o)
                 const auto t = std::chrono::steady_clock::now();
                 llama::learning_report rep;
                 r = learn_them(rep);
-                std::printf("  learned in %.2f s: loss %.5g -> %.5g\n", seconds_since(t), rep.r1_before, rep.r1_after);
+                std::printf("  learned in %.2f s: loss %.5g -> %.5g\n", seconds_since(t), rep.first, rep.last);
             }
             if (o.save_rotations) {
                 std::filesystem::create_directories(*o.save_rotations);

@@ -238,10 +238,12 @@ std::vector<double> run_cayley_sgd(F& f, spinquant::rotation_matrix<float>& r, c
 
 }  // namespace detail
 
-/// Loss before and after learning, per rotation.
+/// Loss before the first step and after the last. learn_rotations: `first`/`last` are R1's
+/// objective and r2_first/r2_last each R2's; learn_rotations_end_to_end: `first`/`last` are the
+/// joint cross-entropy on the first and the last step's batch, and the R2 lists stay empty.
 struct learning_report {
-    double r1_before = 0, r1_after = 0;
-    std::vector<double> r2_before, r2_after;
+    double first = 0, last = 0;
+    std::vector<double> r2_first, r2_last;
 };
 
 /// Learns R1 and every layer's R2 for the quantizers of `q` (weights, activations, V cache; see the
@@ -277,8 +279,8 @@ struct learning_report {
         r1_loss.add(objective(acts.ffn_in[l], ffn, a_token, w_chan));
     }
     const auto h1 = detail::run_cayley_sgd(r1_loss, r.r1, options, "R1");
-    rep.r1_before = h1.front();
-    rep.r1_after = h1.back();
+    rep.first = h1.front();
+    rep.last = h1.back();
 
     if (options.learn_r2) {
         rotation_set only_r1;
@@ -291,20 +293,23 @@ struct learning_report {
             // o_proj's input and weight (its quantizers: per head and per channel), and the V cache.
             struct r2_loss {
                 detail::per_head_objective<objective> o, v;
+                rows gv;  // the V term's gradient, added to o's: allocated once, not per step
                 double operator()(std::span<const view> rr, std::span<const spinquant::matrix_view<float>> g)
                 {
                     const auto d = static_cast<Eigen::Index>(rr[0].rows);
-                    rows gv(d, d);
+                    gv.resize(d, d);
                     const spinquant::matrix_view<float> gvv = spinquant::as_matrix_view(gv);
                     const double lo = o(rr, g);
                     const double lv = v(rr, std::span<const spinquant::matrix_view<float>>(&gvv, 1));
                     Eigen::Map<rows, 0, Eigen::OuterStride<>>(g[0].data, d, d, Eigen::OuterStride<>(static_cast<Eigen::Index>(g[0].row_stride))) += gv;
                     return lo + lv;
                 }
-            } f{{objective(acts.o_in[l], wo, a_head, w_chan), c.dim, hs}, {objective(acts.v[l], id, v_head, std::nullopt), c.kv_dim(), hs}};
+            } f{{objective(acts.o_in[l], wo, a_head, w_chan), c.dim, hs},
+                {objective(acts.v[l], id, v_head, std::nullopt), c.kv_dim(), hs},
+                rows(static_cast<Eigen::Index>(hs), static_cast<Eigen::Index>(hs))};
             const auto h2 = detail::run_cayley_sgd(f, r.r2[l], options, "R2." + std::to_string(l));
-            rep.r2_before.push_back(h2.front());
-            rep.r2_after.push_back(h2.back());
+            rep.r2_first.push_back(h2.front());
+            rep.r2_last.push_back(h2.back());
         }
     }
     if (report) *report = rep;
@@ -316,7 +321,7 @@ struct learning_report {
 /// gradients, activations, KV cache, and the online R3/R4 when q.online_r3 / q.online_r4, which
 /// then need `rot`), on `batch` calibration sequences per step (llama::end_to_end_loss), starting
 /// from random_hadamard_rotations(fp.config, seed), with one Cayley SGD over all rotations
-/// (joint gradient clipping). `report` gets the first and last step's loss as r1_before/after.
+/// (joint gradient clipping). `report` gets the first and the last step's loss.
 /// Errors: those of end_to_end_loss.
 [[nodiscard]] inline rotation_set learn_rotations_end_to_end(const model& fp, const eval_set& calib, const quant_config& q,
                                                              const online_rotations* rot, std::uint64_t seed,
@@ -330,8 +335,8 @@ struct learning_report {
     for (auto& r2 : r.r2) all.push_back(&r2);
     const auto h = detail::run_cayley_sgd(loss, std::span<spinquant::rotation_matrix<float>* const>(all), options, "CE");
     if (report) {
-        report->r1_before = h.front();
-        report->r1_after = h.back();
+        report->first = h.front();
+        report->last = h.back();
     }
     return r;
 }

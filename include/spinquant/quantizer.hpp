@@ -848,6 +848,25 @@ void dequantize(const quantized_matrix<T>& q, M&& out)
     }
 }
 
+namespace detail {
+/// The straight-through mask of every unit of `a` applied to `g`, with the parameters params_of(unit, k).
+template <class T, class Arch, class Params>
+void ste_mask(const matrix_view<const T>& a, const matrix_view<T>& g, const quant_spec& spec, Params&& params_of)
+{
+    const T lo = static_cast<T>(spec.qmin()) - T(0.5);
+    const T hi = static_cast<T>(spec.qmax()) + T(0.5);
+    const std::size_t n = param_count(spec, a.rows, a.cols);
+    for (std::size_t k = 0; k < n; ++k) {
+        const matrix_view<const T> u = unit_view(a, spec, k);
+        const matrix_view<T> ug = unit_view(g, spec, k);
+        const quant_params<T> p = params_of(u, k);
+        for (std::size_t i = 0; i < u.rows; ++i)
+            ste_mask_run<T, Arch>(u.data + i * u.row_stride, u.col_stride, ug.data + i * ug.row_stride, ug.col_stride,
+                                  u.cols, p.scale, spec.symmetric ? T(0) : p.zero, lo, hi);
+    }
+}
+}  // namespace detail
+
 /// Straight-through backward of fake_quantize(x, spec), in place on `grad` (same shape as x):
 /// the parameters are recomputed from x as the forward pass does; grad(i, j) is kept where
 /// x(i, j) / scale + zero lies in [qmin - 1/2, qmax + 1/2] (the element is represented up to
@@ -868,17 +887,29 @@ void fake_quantize_backward(const X& x, G&& grad, const quant_spec& spec)
     detail::require_shape(g, a.rows, a.cols, "fake_quantize_backward", "grad");
     if (spec.check_finite) detail::require_finite_view<T, Arch>(a, "fake_quantize_backward", "x");
     if (spec.reference_compat || a.empty()) return;
-    const T lo = static_cast<T>(spec.qmin()) - T(0.5);
-    const T hi = static_cast<T>(spec.qmax()) + T(0.5);
-    const std::size_t n = param_count(spec, a.rows, a.cols);
-    for (std::size_t k = 0; k < n; ++k) {
-        const matrix_view<const T> u = detail::unit_view(a, spec, k);
-        const matrix_view<T> ug = detail::unit_view(g, spec, k);
-        const quant_params<T> p = detail::unit_params<T, Arch>(u, spec);
-        for (std::size_t i = 0; i < u.rows; ++i)
-            detail::ste_mask_run<T, Arch>(u.data + i * u.row_stride, u.col_stride, ug.data + i * ug.row_stride,
-                                          ug.col_stride, u.cols, p.scale, spec.symmetric ? T(0) : p.zero, lo, hi);
-    }
+    detail::ste_mask<T, Arch>(a, g, spec, [&](const matrix_view<const T>& u, std::size_t) { return detail::unit_params<T, Arch>(u, spec); });
+}
+
+/// fake_quantize_backward with the parameters the forward pass quantized with (find_params,
+/// search_clip, GPTQ; one per unit in param_count order) instead of recomputing them from x: the
+/// same mask for the same parameters, without repeating a clip search.
+/// Errors (grad untouched): as above, plus params.size() wrong (errc::bad_shape) and a scale that
+/// is not finite and > 0 or a zero that is not an integer (errc::bad_argument). Allocation-free.
+template <class Arch = xsimd::default_arch, class X, class G>
+    requires detail::quant_matrix_arg<X> && detail::quant_mutable_matrix_arg<G> &&
+             std::same_as<detail::quant_scalar_t<X>, matrix_element_t<G>>
+void fake_quantize_backward(const X& x, G&& grad, std::span<const quant_params<detail::quant_scalar_t<X>>> params,
+                            const quant_spec& spec)
+{
+    using T = detail::quant_scalar_t<X>;
+    const matrix_view<const T> a = as_matrix_view(x);
+    const matrix_view<T> g = as_matrix_view(grad);
+    detail::check_spec_for(spec, a.cols, "fake_quantize_backward", "x");
+    detail::require_shape(g, a.rows, a.cols, "fake_quantize_backward", "grad");
+    detail::check_params<T>(params, param_count(spec, a.rows, a.cols), "fake_quantize_backward");
+    if (spec.check_finite) detail::require_finite_view<T, Arch>(a, "fake_quantize_backward", "x");
+    if (spec.reference_compat || a.empty()) return;
+    detail::ste_mask<T, Arch>(a, g, spec, [&](const matrix_view<const T>&, std::size_t k) { return params[k]; });
 }
 
 }  // namespace spinquant
