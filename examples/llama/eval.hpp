@@ -33,7 +33,7 @@ namespace llama {
 /// words after a space).
 enum class dummy_prefix {
     every_block,  ///< run.c's encoder on each block as is (the default): 385,898 tokens for
-                  ///< tinystories_valid_head.txt, the stream of the published reading of this
+                  ///< tinystories_valid_head.txt, the stream of the independent reading of this
                   ///< checkpoint (full precision 4.05 on the first 8,192 evaluation tokens)
     first_block,  ///< block 0 only: the 388,718-token stream the data's SOURCES.md counts
 };

@@ -68,7 +68,7 @@ TEST_CASE("full-precision perplexity on the first 8192 evaluation tokens", "[lla
     REQUIRE(set.sequences.size() == 32);
     const auto ref = llama::make_reference(m, set);
     CHECK(ref.fp.predictions == 8160);
-    // An independent reading of this checkpoint under this protocol published 4.05 (data/README.md).
+    // An independent reading of this checkpoint under this protocol reported 4.05 (data/README.md).
     CHECK_THAT(ref.fp.ppl, Catch::Matchers::WithinAbs(4.0527, 5e-4));
     // The stream with the dummy prefix on the first block only (regression value).
     const auto first = llama::split_at_byte(llama::tokenize_blocks(tok512(), *text, llama::dummy_prefix::first_block), eval_bytes);
