@@ -36,10 +36,17 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-// The register-level helpers must be inlined for the arrays of registers to stay in registers;
-// GCC's heuristics otherwise leave some of them out of line.
 // Passes are flattened: every call inside them (xsimd's too) is inlined, whatever the compiler's
-// inlining budget says in a large translation unit.
+// inlining budget says, so that the arrays of registers stay in registers.
+// The helpers the passes call are plain inline, not always_inline (like the tile kernel's in
+// fwht_mix.hpp): GCC orders early inlining by the call graph but skips the edges from
+// always_inline functions to others, so xsimd's functions below an always_inline helper were not
+// ready when a pass was flattened early, and the late flattening refused them ("SSA form does not
+// match" against the IPA clones of the passes). GCC 12 at -O2 then called xsimd::swizzle and the
+// batch_constant conversion out of line in the leaf pass (4-5x slower). SPINQUANT_FWHT_INLINE
+// stays for the mix helpers in fwht_mix.hpp, whose code it keeps as it was.
+// Loops over the registers of an array are folds over an index_sequence: GCC unrolls a loop of
+// 16 completely only at -O3, and a loop left rolled keeps the array in memory.
 #if defined(__GNUC__)
 #define SPINQUANT_FWHT_INLINE [[gnu::always_inline]] inline
 #define SPINQUANT_FWHT_LAMBDA_INLINE __attribute__((always_inline))
@@ -90,6 +97,12 @@ struct fwht_multiplier {
     fwht_scale kind = fwht_scale::none;
     T scalar = T(1);
     const T* values = nullptr;  // kind == vector: values[i] multiplies element i
+
+    /// The multiplier of the elements from i on.
+    [[nodiscard]] fwht_multiplier advanced(std::size_t i) const noexcept
+    {
+        return {kind, scalar, kind == fwht_scale::vector ? values + i : values};
+    }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -97,7 +110,7 @@ struct fwht_multiplier {
 
 /// (v[J], v[J + H]) -> (v[J] + v[J + H], v[J] - v[J + H]).
 template <std::size_t J, std::size_t H, class B, std::size_t R>
-SPINQUANT_FWHT_INLINE void fwht_butterfly(std::array<B, R>& v) noexcept
+inline void fwht_butterfly(std::array<B, R>& v) noexcept
 {
     const B a = v[J];
     const B b = v[J + H];
@@ -108,14 +121,14 @@ SPINQUANT_FWHT_INLINE void fwht_butterfly(std::array<B, R>& v) noexcept
 /// One radix-2 stage at register distance H over v[0..R): every pair (j, j + H) in each block
 /// of 2H. Fold expressions (not loops, not lambdas) so that everything is unrolled and inlined.
 template <std::size_t H, class B, std::size_t R, std::size_t... I>
-SPINQUANT_FWHT_INLINE void fwht_register_stage(std::array<B, R>& v, std::index_sequence<I...>) noexcept
+inline void fwht_register_stage(std::array<B, R>& v, std::index_sequence<I...>) noexcept
 {
     (fwht_butterfly<(I / H) * 2 * H + I % H, H>(v), ...);
 }
 
 /// Stages at register distances First, 2 First, ..., R/2 (all of them when First = 1).
 template <std::size_t First, std::size_t R, class B>
-SPINQUANT_FWHT_INLINE void fwht_register_network(std::array<B, R>& v) noexcept
+inline void fwht_register_network(std::array<B, R>& v) noexcept
 {
     if constexpr (First < R) {
         fwht_register_stage<First>(v, std::make_index_sequence<R / 2>{});
@@ -143,7 +156,7 @@ inline constexpr auto fwht_lane_signs = [] {
 /// fused multiply-add where the compiler contracts it (the product is exact, so the rounding is
 /// that of the plain add or subtract either way).
 template <std::size_t H, class T, class Arch>
-SPINQUANT_FWHT_INLINE xsimd::batch<T, Arch> fwht_lane_stage(const xsimd::batch<T, Arch>& x) noexcept
+inline xsimd::batch<T, Arch> fwht_lane_stage(const xsimd::batch<T, Arch>& x) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
@@ -153,7 +166,7 @@ SPINQUANT_FWHT_INLINE xsimd::batch<T, Arch> fwht_lane_stage(const xsimd::batch<T
 }
 
 template <std::size_t H, class T, class Arch>
-SPINQUANT_FWHT_INLINE void fwht_lane_stages(xsimd::batch<T, Arch>& x) noexcept
+inline void fwht_lane_stages(xsimd::batch<T, Arch>& x) noexcept
 {
     if constexpr (H < xsimd::batch<T, Arch>::size) {
         x = fwht_lane_stage<H>(x);
@@ -163,7 +176,7 @@ SPINQUANT_FWHT_INLINE void fwht_lane_stages(xsimd::batch<T, Arch>& x) noexcept
 
 /// H_L on each register through a small array (fallback for architectures without a fast path).
 template <class T, class Arch>
-SPINQUANT_FWHT_INLINE void fwht_lanes_scalar(xsimd::batch<T, Arch>& x) noexcept
+inline void fwht_lanes_scalar(xsimd::batch<T, Arch>& x) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     alignas(64) std::array<T, lanes> a{};
@@ -182,25 +195,26 @@ SPINQUANT_FWHT_INLINE void fwht_lanes_scalar(xsimd::batch<T, Arch>& x) noexcept
 /// H_{2L} on the 2L elements of the register pair (a, b) by constant geometry: each round
 /// butterflies the top index bit (a +- b) and zips, which rotates the index bits left by one;
 /// after 1 + log2(L) rounds every bit was butterflied once and the order is natural again.
-template <class T, class Arch>
-SPINQUANT_FWHT_INLINE void fwht_pair_zip(xsimd::batch<T, Arch>& a, xsimd::batch<T, Arch>& b) noexcept
+/// Rounds: the rounds still to do (a compile-time recursion, see the top).
+template <std::size_t Rounds, class T, class Arch>
+inline void fwht_pair_zip(xsimd::batch<T, Arch>& a, xsimd::batch<T, Arch>& b) noexcept
 {
-    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
-    for (std::size_t round = 1; round < 2 * lanes; round *= 2) {  // 1 + log2(lanes) rounds
+    if constexpr (Rounds > 0) {
         const auto s = a + b;
         const auto d = a - b;
         a = xsimd::zip_lo(s, d);
         b = xsimd::zip_hi(s, d);
+        fwht_pair_zip<Rounds - 1, T, Arch>(a, b);
     }
 }
 
 /// In-register lane butterflies of every register of v (zip: of every register pair).
 template <class T, class Arch, std::size_t R, std::size_t... I>
-SPINQUANT_FWHT_INLINE void fwht_lanes_all(std::array<xsimd::batch<T, Arch>, R>& v, std::index_sequence<I...>) noexcept
+inline void fwht_lanes_all(std::array<xsimd::batch<T, Arch>, R>& v, std::index_sequence<I...>) noexcept
 {
     constexpr auto method = fwht_lane_method_for<T, Arch>;
     if constexpr (method == fwht_lane_method::zip)
-        (fwht_pair_zip<T, Arch>(v[2 * I], v[2 * I + 1]), ...);
+        (fwht_pair_zip<1 + std::countr_zero(xsimd::batch<T, Arch>::size), T, Arch>(v[2 * I], v[2 * I + 1]), ...);
     else if constexpr (method == fwht_lane_method::swizzle)
         (fwht_lane_stages<1, T, Arch>(v[I]), ...);
     else
@@ -209,7 +223,7 @@ SPINQUANT_FWHT_INLINE void fwht_lanes_all(std::array<xsimd::batch<T, Arch>, R>& 
 
 /// The complete transform of the R * L consecutive elements held in v[0..R) (R >= 2).
 template <class T, class Arch, std::size_t R>
-SPINQUANT_FWHT_INLINE void fwht_registers_transform(std::array<xsimd::batch<T, Arch>, R>& v) noexcept
+inline void fwht_registers_transform(std::array<xsimd::batch<T, Arch>, R>& v) noexcept
 {
     static_assert(R >= 2 && std::has_single_bit(R));
     if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::zip) {
@@ -225,7 +239,7 @@ SPINQUANT_FWHT_INLINE void fwht_registers_transform(std::array<xsimd::batch<T, A
 // Passes over memory
 
 template <fwht_scale Kind, class T, class Arch>
-SPINQUANT_FWHT_INLINE xsimd::batch<T, Arch> fwht_load(const T* x, const fwht_multiplier<T>& m, std::size_t i) noexcept
+inline xsimd::batch<T, Arch> fwht_load(const T* x, const fwht_multiplier<T>& m, std::size_t i) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     const batch v = batch::load_unaligned(x + i);
@@ -238,7 +252,7 @@ SPINQUANT_FWHT_INLINE xsimd::batch<T, Arch> fwht_load(const T* x, const fwht_mul
 }
 
 template <fwht_scale Kind, class T, class Arch>
-SPINQUANT_FWHT_INLINE void fwht_store(T* x, xsimd::batch<T, Arch> v, const fwht_multiplier<T>& m, std::size_t i) noexcept
+inline void fwht_store(T* x, xsimd::batch<T, Arch> v, const fwht_multiplier<T>& m, std::size_t i) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
     if constexpr (Kind == fwht_scale::scalar)
@@ -246,6 +260,25 @@ SPINQUANT_FWHT_INLINE void fwht_store(T* x, xsimd::batch<T, Arch> v, const fwht_
     else if constexpr (Kind == fwht_scale::vector)
         v *= batch::load_unaligned(m.values + i);
     v.store_unaligned(x + i);
+}
+
+/// v[t] <- the register at x + i + t * step (times the multiplier), t = 0..R-1 (a fold, see the
+/// top). Offsets from x + i, so that a constant step becomes an addressing displacement.
+template <fwht_scale Kind, class T, class Arch, std::size_t R, std::size_t... I>
+inline void fwht_load_registers(std::array<xsimd::batch<T, Arch>, R>& v, const T* x, const fwht_multiplier<T>& m,
+                                std::size_t i, std::size_t step, std::index_sequence<I...>) noexcept
+{
+    const fwht_multiplier<T> mi = m.advanced(i);
+    ((v[I] = fwht_load<Kind, T, Arch>(x + i, mi, I * step)), ...);
+}
+
+/// The R registers of v back to x + i + t * step (times the multiplier), t = 0..R-1.
+template <fwht_scale Kind, class T, class Arch, std::size_t R, std::size_t... I>
+inline void fwht_store_registers(const std::array<xsimd::batch<T, Arch>, R>& v, T* x, const fwht_multiplier<T>& m,
+                                 std::size_t i, std::size_t step, std::index_sequence<I...>) noexcept
+{
+    const fwht_multiplier<T> mi = m.advanced(i);
+    (fwht_store<Kind, T, Arch>(x + i, v[I], mi, I * step), ...);
 }
 
 /// A stretch of memory, `size` elements from `data`, for prefetching: the caller passes the memory
@@ -300,9 +333,9 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multi
     for (std::size_t i = 0; i < n; i += R * lanes) {
         for (std::size_t p = i; p < i + R * lanes && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
         std::array<xsimd::batch<T, Arch>, R> v;
-        for (std::size_t t = 0; t < R; ++t) v[t] = fwht_load<In, T, Arch>(x, in, i + t * lanes);
+        fwht_load_registers<In, T, Arch>(v, x, in, i, lanes, std::make_index_sequence<R>{});
         fwht_registers_transform<T, Arch, R>(v);
-        for (std::size_t t = 0; t < R; ++t) fwht_store<Out, T, Arch>(x, v[t], out, i + t * lanes);
+        fwht_store_registers<Out, T, Arch>(v, x, out, i, lanes, std::make_index_sequence<R>{});
     }
 }
 
@@ -315,9 +348,9 @@ SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, std::size_t s
     for (std::size_t block = 0; block < n; block += R * stride)
         for (std::size_t j = block; j < block + stride; j += lanes) {
             std::array<xsimd::batch<T, Arch>, R> v;
-            for (std::size_t t = 0; t < R; ++t) v[t] = xsimd::batch<T, Arch>::load_unaligned(x + j + t * stride);
+            fwht_load_registers<fwht_scale::none, T, Arch>(v, x, {}, j, stride, std::make_index_sequence<R>{});
             fwht_register_network<1, R>(v);
-            for (std::size_t t = 0; t < R; ++t) fwht_store<Out, T, Arch>(x, v[t], out, j + t * stride);
+            fwht_store_registers<Out, T, Arch>(v, x, out, j, stride, std::make_index_sequence<R>{});
         }
 }
 
