@@ -3,15 +3,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <random>
 #include <string>
 #include <vector>
 
 #include <Eigen/Core>
 
-#include <spinquant/detail/random.hpp>
 #include <spinquant/gptq.hpp>
 
+#include "support/gaussian_matrix.hpp"
 #include "support/json.hpp"
 #include "support/quant_gptq_reference.hpp"
 #include "support/shared_data.hpp"
@@ -23,15 +22,7 @@ namespace {
 
 using row_major_f = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-Eigen::MatrixXd gaussian(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed)
-{
-    std::mt19937_64 g(seed);
-    detail::normal_sampler normal;
-    Eigen::MatrixXd m(rows, cols);
-    for (Eigen::Index i = 0; i < rows; ++i)
-        for (Eigen::Index j = 0; j < cols; ++j) m(i, j) = normal(g);
-    return m;
-}
+using spinquant::test::gaussian;
 
 /// Calibration inputs with correlated features (a random mixing of fewer latent factors) and,
 /// optionally, a few outlier features: what makes GPTQ's error propagation matter.

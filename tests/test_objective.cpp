@@ -18,6 +18,7 @@
 #include <spinquant/rotation.hpp>
 #include <spinquant/stiefel.hpp>
 
+#include "support/gaussian_matrix.hpp"
 #include "support/stiefel_problems.hpp"
 
 using spinquant::matrix_view;
@@ -27,15 +28,7 @@ using Catch::Matchers::WithinAbs;
 
 namespace {
 
-Eigen::MatrixXd gaussian(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed)
-{
-    std::mt19937_64 rng(seed);
-    spinquant::detail::normal_sampler normal;
-    Eigen::MatrixXd m(rows, cols);
-    for (Eigen::Index i = 0; i < rows; ++i)
-        for (Eigen::Index j = 0; j < cols; ++j) m(i, j) = normal(rng);
-    return m;
-}
+using spinquant::test::gaussian;
 
 // Activations with a few massive outlier channels, as LLM activations have.
 row_matrix<double> outlier_activations(Eigen::Index t, Eigen::Index n, std::uint64_t seed)

@@ -14,6 +14,7 @@
 
 #include <spinquant/rotation.hpp>
 
+#include "support/gaussian_matrix.hpp"
 #include "support/json.hpp"
 #include "support/shared_data.hpp"
 #include "support/stiefel_llama.hpp"
@@ -26,15 +27,7 @@ namespace {
 template <class T>
 using row_matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-Eigen::MatrixXd gaussian(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed)
-{
-    std::mt19937_64 rng(seed);
-    spinquant::detail::normal_sampler normal;
-    Eigen::MatrixXd m(rows, cols);
-    for (Eigen::Index i = 0; i < rows; ++i)
-        for (Eigen::Index j = 0; j < cols; ++j) m(i, j) = normal(rng);
-    return m;
-}
+using spinquant::test::gaussian;
 
 double max_abs(const Eigen::MatrixXd& m) { return m.cwiseAbs().maxCoeff(); }
 
