@@ -25,8 +25,10 @@
 
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <random>
 #include <span>
 #include <vector>
@@ -40,18 +42,38 @@ namespace {
 constexpr std::int64_t cached = std::int64_t{1} << 15;
 constexpr std::int64_t memory = std::int64_t{1} << 25;
 
+/// 64-byte aligned storage, as engines allocate tensors. A plain std::vector of this size comes from
+/// glibc's mmap path and starts 16 bytes past a page boundary, so every 64-byte register would
+/// straddle two cache lines (BM_plan_misaligned measures that case).
+template <class T>
+struct cache_aligned {
+    using value_type = T;
+    cache_aligned() = default;
+    template <class U>
+    constexpr cache_aligned(const cache_aligned<U>&) noexcept
+    {
+    }
+    T* allocate(std::size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t{64})); }
+    void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{64}); }
+    friend bool operator==(const cache_aligned&, const cache_aligned&) noexcept { return true; }
+};
+using aligned_floats = std::vector<float, cache_aligned<float>>;
+
 struct batch {
     std::size_t n = 0, rows = 0;
-    std::vector<float> data;
+    aligned_floats storage;
+    std::span<float> data;  // the rows: storage from `shift` floats on
 };
 
-batch make_batch(const benchmark::State& state)
+/// Args: n, batch floats. `shift`: floats between the 64-byte aligned storage and the first row.
+batch make_batch(const benchmark::State& state, std::size_t shift = 0)
 {
     batch b;
     b.n = static_cast<std::size_t>(state.range(0));
     const auto total = static_cast<std::size_t>(state.range(1));
     b.rows = b.n >= total ? 1 : total / b.n;
-    b.data.resize(b.rows * b.n);
+    b.storage.resize(b.rows * b.n + shift);
+    b.data = std::span<float>(b.storage).subspan(shift);
     std::mt19937 g(1);
     for (float& v : b.data) v = static_cast<float>(g() % 2001) / 1000.0f - 1.0f;
     return b;
@@ -141,6 +163,21 @@ void BM_two_stage(benchmark::State& state)
     finish(state, b);
 }
 
+/// Rows 16 bytes past a 64-byte boundary (where a large malloc'd buffer starts): every register
+/// load and store of the kernels straddles two cache lines.
+void BM_plan_misaligned(benchmark::State& state)
+{
+    batch b = make_batch(state, 4);
+    const spinquant::hadamard_plan<float> plan(b.n);
+    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
+    for (auto _ : state) {
+        plan.apply_rows(view);
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+    }
+    finish(state, b);
+}
+
 void BM_plan(benchmark::State& state)
 {
     batch b = make_batch(state);
@@ -155,6 +192,37 @@ void BM_plan(benchmark::State& state)
     state.counters["K"] = static_cast<double>(plan.order());
 }
 
+/// The plan and the stream on the same batch, one pass of each in turn: the share of the stream
+/// rate that the plan reaches, free of what moves separate cases apart (the physical pages each
+/// batch gets, the machine's load drifting between cases). The reported time is the plan's.
+void BM_plan_vs_stream(benchmark::State& state)
+{
+    batch b = make_batch(state);
+    const spinquant::hadamard_plan<float> plan(b.n);
+    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
+    using clock = std::chrono::steady_clock;
+    double plan_seconds = 0, stream_seconds = 0;
+    for (auto _ : state) {
+        const auto t0 = clock::now();
+        for (float& v : b.data) v = -v;
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+        const auto t1 = clock::now();
+        plan.apply_rows(view);
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+        const auto t2 = clock::now();
+        const double p = std::chrono::duration<double>(t2 - t1).count();
+        stream_seconds += std::chrono::duration<double>(t1 - t0).count();
+        plan_seconds += p;
+        state.SetIterationTime(p);
+    }
+    finish(state, b);
+    const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(b.rows * b.n * sizeof(float));
+    state.counters["stream_GBps"] = bytes / stream_seconds / 1e9;
+    state.counters["plan_per_stream"] = stream_seconds / plan_seconds;
+}
+
 spinquant::hadamard_options with_signs()
 {
     spinquant::hadamard_options o;
@@ -166,7 +234,7 @@ spinquant::hadamard_options with_signs()
 /// A rows x n block of short rows (Args: n, rows), with random signs so that both paths do all of it.
 struct block {
     std::size_t n = 0, rows = 0;
-    std::vector<float> data;
+    aligned_floats data;
     spinquant::hadamard_plan<float> plan;
     explicit block(const benchmark::State& state)
         : n(static_cast<std::size_t>(state.range(0))), rows(static_cast<std::size_t>(state.range(1))),
@@ -218,6 +286,16 @@ void pow2_sizes(benchmark::internal::Benchmark* b)
     for (const std::int64_t total : {cached, memory})
         for (std::int64_t n = 1 << 7; n <= 1 << 16; n *= 2) b->Args({n, total});
 }
+void memory_sizes(benchmark::internal::Benchmark* b)
+{
+    for (std::int64_t n = 1 << 7; n <= 1 << 16; n *= 2) b->Args({n, memory});
+    for (const std::int64_t n : {11008, 14336, 18944}) b->Args({n, memory});
+}
+void misaligned_sizes(benchmark::internal::Benchmark* b)
+{
+    for (const std::int64_t total : {cached, memory})
+        for (const std::int64_t n : {1024, 8192}) b->Args({n, total});
+}
 void dense_sizes(benchmark::internal::Benchmark* b)
 {
     for (std::int64_t n = 1 << 7; n <= 1 << 12; n *= 2) b->Args({n, cached});
@@ -244,6 +322,8 @@ BENCHMARK(BM_stream)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark:
 BENCHMARK(BM_eigen)->Apply(dense_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_two_stage)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_plan)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_plan_misaligned)->Apply(misaligned_sizes)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_plan_vs_stream)->Apply(memory_sizes)->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_block_dense)->Apply(block_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_block_plan)->Apply(block_sizes)->Unit(benchmark::kMicrosecond);
 

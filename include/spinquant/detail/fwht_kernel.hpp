@@ -4,9 +4,10 @@
 //
 // How it is fast (the ideas of FFHT, re-derived for xsimd and wide registers):
 // - Radix-2 stages commute, so they can run in any order and be grouped freely.
-// - The first log2(lanes) stages act inside one register: a lane permutation (xsimd::swizzle)
-//   and one fused multiply-add by a +-1 constant per stage, or, on 128-bit registers where
-//   xsimd 8.1 has no swizzle, a "constant geometry" round of add/sub + zip over a register pair.
+// - The first log2(lanes) stages act inside one register: a lane permutation (xsimd::swizzle;
+//   immediate shuffles on AVX-512) and one fused multiply-add by a +-1 constant per stage, or,
+//   on 128-bit registers where xsimd 8.1 has no swizzle, a "constant geometry" round of
+//   add/sub + zip over a register pair.
 // - A leaf pass keeps G consecutive registers (G * lanes elements) in registers and finishes
 //   all their stages at once; the remaining stages are radix-2^r passes (r = 3 or 4) that load
 //   2^r registers at a power-of-two stride, butterfly them, and store them back.
@@ -24,12 +25,16 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <xsimd/xsimd.hpp>
 
 #include "../config.hpp"
 
-// GCC 12 reports its own _mm512_undefined_ps() inside _mm512_permutexvar_ps (reached through
-// xsimd::swizzle) as "used uninitialized" once inlined here; the value is never read.
+// GCC 12 reports its own _mm512_undefined_ps()/_pd() inside the AVX-512 shuffles (the immediate
+// ones below, _mm512_permutexvar_ps through xsimd::swizzle) as "used uninitialized" once inlined
+// here; the value is never read.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -61,7 +66,7 @@ namespace spinquant::detail {
 
 /// How the butterflies between the lanes of one register are computed on Arch.
 enum class fwht_lane_method {
-    swizzle,  ///< xsimd::swizzle + fma with a +-1 constant (AVX, AVX2, AVX-512)
+    swizzle,  ///< a lane permutation + fma with a +-1 constant (AVX, AVX2, AVX-512)
     zip,      ///< pairs of 128-bit registers: add/sub then zip_lo/zip_hi (SSE*, NEON)
     scalar,   ///< through a small array (any other architecture xsimd may add)
 };
@@ -151,6 +156,31 @@ inline constexpr auto fwht_lane_signs = [] {
     return a;
 }();
 
+/// Lane i of the result is lane i ^ H of x. On AVX-512 by immediate shuffles, within 128-bit
+/// blocks (vpermilps/vpermilpd) or of whole blocks (vshuff32x4/vshuff64x2), not xsimd::swizzle's
+/// general permute (vpermps): on Zen 5 the in-block shuffle issues to all four vector pipes and
+/// the general one takes the room of two operations; the leaf pass ran 15% faster, from memory
+/// the transform 5-25% (BENCHMARKS.md). AVX2 measured the same either way and keeps the swizzle.
+template <std::size_t H, class T, class Arch>
+inline xsimd::batch<T, Arch> fwht_lane_partner(const xsimd::batch<T, Arch>& x) noexcept
+{
+#if defined(__AVX512F__)
+    if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
+        constexpr std::size_t block = 16 / sizeof(T);  // lanes in 128 bits
+        // Swap neighbouring elements (or pairs) inside each 128-bit block.
+        constexpr int in_block = sizeof(T) == 4 ? (H == 1 ? 0xB1 : 0x4E) : 0x55;
+        // Swap neighbouring 128-bit blocks (or pairs of them).
+        constexpr int blocks = H / block == 1 ? 0xB1 : 0x4E;
+        if constexpr (std::is_same_v<T, float>)
+            return H < block ? _mm512_permute_ps(x, in_block) : _mm512_shuffle_f32x4(x, x, blocks);
+        else
+            return H < block ? _mm512_permute_pd(x, in_block) : _mm512_shuffle_f64x2(x, x, blocks);
+    }
+#endif
+    using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    return xsimd::swizzle(x, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<H>>());
+}
+
 /// The lane stage at distance H on one register: lane i becomes x[i] + x[i ^ H] when bit H of
 /// i is clear and x[i ^ H] - x[i] when it is set: a permutation and x * (+-1) + partner, one
 /// fused multiply-add where the compiler contracts it (the product is exact, so the rounding is
@@ -159,10 +189,8 @@ template <std::size_t H, class T, class Arch>
 inline xsimd::batch<T, Arch> fwht_lane_stage(const xsimd::batch<T, Arch>& x) noexcept
 {
     using batch = xsimd::batch<T, Arch>;
-    using index = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-    const batch partner = xsimd::swizzle(x, xsimd::make_batch_constant<xsimd::batch<index, Arch>, fwht_partner_lane<H>>());
     const batch sign = batch::load_unaligned(fwht_lane_signs<T, batch::size, H>.data());
-    return xsimd::fma(x, sign, partner);
+    return xsimd::fma(x, sign, fwht_lane_partner<H>(x));
 }
 
 template <std::size_t H, class T, class Arch>
