@@ -185,7 +185,9 @@ void fwht(V&& x)
 /// Construction picks K (hadamard_source), builds H_K and, if asked, the signs; it allocates
 /// O(K^2 + n). apply* are const, allocation-free and safe to call from several threads on one
 /// plan. Cost per vector: O(n log n) for the power-of-two part plus about n K / 4 adds for the
-/// mix (K = 1 for powers of two).
+/// mix (K = 1 for powers of two). Any alignment works; rows that start on a 64-byte boundary run
+/// fastest (with AVX-512 a misaligned row makes every register straddle two cache lines: 20-30%
+/// slower at n = 8192, BENCHMARKS.md).
 ///
 /// `Arch` is the xsimd instruction set of the kernels (the best the compiler flags enable by
 /// default); name another one to build per-ISA plans for runtime dispatch.
