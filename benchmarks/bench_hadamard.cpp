@@ -163,24 +163,10 @@ void BM_two_stage(benchmark::State& state)
     finish(state, b);
 }
 
-/// Rows 16 bytes past a 64-byte boundary (where a large malloc'd buffer starts): every register
-/// load and store of the kernels straddles two cache lines.
-void BM_plan_misaligned(benchmark::State& state)
+/// apply_rows over the batch; `shift` as for make_batch.
+void run_plan(benchmark::State& state, std::size_t shift)
 {
-    batch b = make_batch(state, 4);
-    const spinquant::hadamard_plan<float> plan(b.n);
-    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
-    for (auto _ : state) {
-        plan.apply_rows(view);
-        benchmark::DoNotOptimize(b.data.data());
-        benchmark::ClobberMemory();
-    }
-    finish(state, b);
-}
-
-void BM_plan(benchmark::State& state)
-{
-    batch b = make_batch(state);
+    batch b = make_batch(state, shift);
     const spinquant::hadamard_plan<float> plan(b.n);
     const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
     for (auto _ : state) {
@@ -191,6 +177,12 @@ void BM_plan(benchmark::State& state)
     finish(state, b);
     state.counters["K"] = static_cast<double>(plan.order());
 }
+
+void BM_plan(benchmark::State& state) { run_plan(state, 0); }
+
+/// Rows 16 bytes past a 64-byte boundary (where a large malloc'd buffer starts): every register
+/// load and store of the kernels straddles two cache lines.
+void BM_plan_misaligned(benchmark::State& state) { run_plan(state, 4); }
 
 /// The plan and the stream on the same batch, one pass of each in turn: the share of the stream
 /// rate that the plan reaches, free of what moves separate cases apart (the physical pages each
