@@ -2,6 +2,7 @@
 #include "support/catch.hpp"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -11,6 +12,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <spinquant/eigen.hpp>
@@ -880,6 +882,24 @@ void check_arch()
 {
     INFO("arch " << Arch::name() << ", " << sizeof(T) * 8 << "-bit");
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    // The lane permutation of the in-register stages (immediate shuffles on AVX-512): lane i ^ H.
+    if constexpr (spinquant::detail::fwht_lane_method_for<T, Arch> == spinquant::detail::fwht_lane_method::swizzle) {
+        std::array<T, lanes> in{}, out{};
+        for (std::size_t i = 0; i < lanes; ++i) in[i] = static_cast<T>(i + 1);
+        const auto x = xsimd::batch<T, Arch>::load_unaligned(in.data());
+        const auto check = [&]<std::size_t H>() {
+            if constexpr (H < lanes) {
+                spinquant::detail::fwht_lane_partner<H>(x).store_unaligned(out.data());
+                for (std::size_t i = 0; i < lanes; ++i) {
+                    INFO("distance " << H << ", lane " << i);
+                    REQUIRE(out[i] == in[i ^ H]);
+                }
+            }
+        };
+        [&]<std::size_t... B>(std::index_sequence<B...>) {
+            (check.template operator()<std::size_t{1} << B>(), ...);
+        }(std::make_index_sequence<4>{});
+    }
     // The unnormalised kernel against the Sylvester definition, around the register width.
     for (std::size_t n = 1; n <= (std::size_t{1} << 13); n *= 2) {
         auto x = random_vector<T>(n, n + lanes);
