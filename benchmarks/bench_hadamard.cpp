@@ -8,6 +8,8 @@
 //              mix as an Eigen GEMM with H_K (the plain two-stage method, its first stage as fast
 //              as ours, so the ratio measures the mix)
 //   plan       hadamard_plan<float>::apply_rows (ours)
+//   leaf       the kernel's first pass alone (spinquant::detail; memory batch, BM_leaf_vs_stream):
+//              where the from-memory time goes
 // Counters: bytes_per_second counts the batch once (n floats per row), as for every case.
 //
 // Token blocks of short rows (n = K 2^k with a small 2^k, e.g. the R4 rotation n = 172 of the
@@ -26,6 +28,7 @@
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <new>
@@ -217,6 +220,50 @@ void BM_plan_vs_stream(benchmark::State& state)
     state.counters["plan_per_stream"] = stream_seconds / plan_seconds;
 }
 
+/// Where the from-memory time goes: the stream, the kernel's leaf pass alone (its first pass, which
+/// reads every row from memory and finishes the stages inside 16 registers; spinquant::detail) and
+/// the whole plan, in turn on the same batch. The reported time is the leaf pass's. The plan
+/// costs the leaf's time plus that of the strided passes which follow it in L1/L2, where no
+/// memory traffic is left to hide them: plan_per_stream falls below leaf_per_stream by their share.
+void BM_leaf_vs_stream(benchmark::State& state)
+{
+    namespace detail = spinquant::detail;
+    using arch = xsimd::default_arch;
+    constexpr std::size_t leaf = detail::fwht_leaf_registers<arch> * xsimd::batch<float, arch>::size;
+    batch b = make_batch(state);
+    const spinquant::hadamard_plan<float> plan(b.n);
+    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
+    // The leaf's own orthonormal scale, so that repeated passes keep the values' size.
+    const detail::fwht_multiplier<float> scale{detail::fwht_scale::scalar, 1.0f / std::sqrt(float(leaf)), nullptr};
+    const detail::fwht_window<float> region{b.data.data(), b.data.size()};
+    using clock = std::chrono::steady_clock;
+    double stream_seconds = 0, leaf_seconds = 0, plan_seconds = 0;
+    for (auto _ : state) {
+        const auto t0 = clock::now();
+        stream_pass(b);
+        const auto t1 = clock::now();
+        for (std::size_t r = 0; r < b.rows; ++r)
+            detail::fwht_leaf_pass<float, arch, detail::fwht_leaf_registers<arch>, detail::fwht_scale::scalar,
+                                   detail::fwht_scale::none>(
+                b.data.data() + r * b.n, b.n, scale, {},
+                region.advanced(r * b.n + detail::fwht_prefetch_bytes / sizeof(float)));
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+        const auto t2 = clock::now();
+        plan.apply_rows(view);
+        benchmark::DoNotOptimize(b.data.data());
+        benchmark::ClobberMemory();
+        const auto t3 = clock::now();
+        stream_seconds += std::chrono::duration<double>(t1 - t0).count();
+        leaf_seconds += std::chrono::duration<double>(t2 - t1).count();
+        plan_seconds += std::chrono::duration<double>(t3 - t2).count();
+        state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+    }
+    finish(state, b);
+    state.counters["leaf_per_stream"] = stream_seconds / leaf_seconds;
+    state.counters["plan_per_stream"] = stream_seconds / plan_seconds;
+}
+
 spinquant::hadamard_options with_signs()
 {
     spinquant::hadamard_options o;
@@ -318,6 +365,7 @@ BENCHMARK(BM_two_stage)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_plan)->Apply(pow2_sizes)->Apply(composite_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_plan_misaligned)->Apply(misaligned_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_plan_vs_stream)->Apply(memory_sizes)->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_leaf_vs_stream)->Args({4096, memory})->Args({8192, memory})->Args({65536, memory})->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_block_dense)->Apply(block_sizes)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_block_plan)->Apply(block_sizes)->Unit(benchmark::kMicrosecond);
 
