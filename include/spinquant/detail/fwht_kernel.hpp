@@ -11,7 +11,7 @@
 // - A leaf pass keeps G consecutive registers (G * lanes elements) in registers and finishes
 //   all their stages at once; the remaining stages are radix-2^r passes (r = 3 or 4) that load
 //   2^r registers at a power-of-two stride, butterfly them, and store them back.
-// - Blocks of up to fwht_block_elements elements are finished while they sit in L1; larger
+// - Blocks of up to fwht_block_bytes are finished while they sit in L1; larger
 //   transforms recurse depth first (cache oblivious in spirit), so each level streams the
 //   array once.
 // - Scaling (1/sqrt(n)) and random signs ride along in the first pass; a per-element
@@ -90,8 +90,13 @@ inline constexpr std::size_t fwht_leaf_registers = fwht_registers<Arch> == 32 ? 
 template <class Arch>
 inline constexpr unsigned fwht_max_radix_log2 = fwht_registers<Arch> == 32 ? 4 : 3;
 
-/// Transforms up to this many bytes are finished in one piece (they fit in L1 data cache).
-inline constexpr std::size_t fwht_block_bytes = std::size_t{1} << 15;
+/// Transforms up to this many bytes are finished in one piece, pass after pass; larger ones recurse.
+/// A third of a 48 KiB L1 data cache (half of a 32 KiB one): the rest holds the lines the leaf pass
+/// prefetches (fwht_prefetch_bytes ahead). Smaller pieces also keep memory busy: the leaf pass is
+/// the only one that streams from memory, and a row's strided passes run between its pieces while
+/// their prefetches arrive. With 32 KiB, a 32 KiB row ran both its strided passes after the whole
+/// leaf pass, and from memory reached 0.81-0.84 of the stream's rate instead of 0.90-0.92.
+inline constexpr std::size_t fwht_block_bytes = std::size_t{1} << 14;
 
 /// What to multiply by, elementwise, on the way in (before the transform) or out (after).
 enum class fwht_scale { none, scalar, vector };
@@ -479,8 +484,8 @@ template <class T, class Arch>
 }
 
 /// The transform of x[0..n) for n = 2^(bits below `levels`) >= 2 registers, made of the leaf
-/// pass and strided passes 0..levels-1. Sub-transforms that fit in L1 run pass after pass; larger
-/// ones recurse depth first: the 2^r parts below the top pass, then the top pass.
+/// pass and strided passes 0..levels-1. Sub-transforms of up to fwht_block_bytes run pass after
+/// pass; larger ones recurse depth first: the 2^r parts below the top pass, then the top pass.
 /// `ahead` is prefetched by the leaf pass in step.
 template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned levels, const fwht_multiplier<T>& in,
