@@ -913,9 +913,11 @@ void check_arch()
             REQUIRE_THAT(static_cast<double>(x[i]), Catch::Matchers::WithinAbs(expected, tol));
         }
     }
-    // Whole plans (kernel, signs, both mixes) for K * m with m around the strip widths.
+    // Whole plans (kernel, signs, both mixes) for K * m with m around the strip widths, up to two
+    // leaves (the fused leaf pair) and at least 16 registers.
+    const std::size_t largest_m = std::max(4 * lanes * 4, 2 * spinquant::detail::fwht_leaf_registers<Arch> * lanes);
     for (const std::size_t k : {std::size_t{1}, std::size_t{12}, std::size_t{28}})
-        for (std::size_t m = 1; m <= 4 * lanes * 4; m *= 2) {
+        for (std::size_t m = 1; m <= largest_m; m *= 2) {
             hadamard_options o;
             o.random_signs = (m & 1) == 0;
             o.seed = m;

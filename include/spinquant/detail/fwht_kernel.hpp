@@ -387,6 +387,33 @@ SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, std::size_t s
         }
 }
 
+/// The transform of two leaves, x[0..2 R L): the leaf pass on each, the last stage (between
+/// them) fused into the second one while it is still in registers. A separate radix-2 pass would
+/// load and store every register once more for a single stage.
+template <class T, class Arch, std::size_t R, fwht_scale In, fwht_scale Out, std::size_t... I>
+SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
+                                           const fwht_window<T>& ahead, std::index_sequence<I...> seq) noexcept
+{
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t lanes = batch::size;
+    constexpr std::size_t half = R * lanes;
+    constexpr std::size_t line = 64 / sizeof(T);
+    for (std::size_t p = 0; p < 2 * half && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
+    std::array<batch, R> v;
+    fwht_load_registers<In, T, Arch>(v, x, in, 0, lanes, seq);
+    fwht_registers_transform<T, Arch, R>(v);
+    fwht_store_registers<fwht_scale::none, T, Arch>(v, x, {}, 0, lanes, seq);
+    fwht_load_registers<In, T, Arch>(v, x, in, half, lanes, seq);
+    fwht_registers_transform<T, Arch, R>(v);
+    const fwht_multiplier<T> out_b = out.advanced(half);
+    const auto fuse = [&](std::size_t i, const batch& b) SPINQUANT_FWHT_LAMBDA_INLINE {
+        const batch a = batch::load_unaligned(x + i);
+        fwht_store<Out, T, Arch>(x, a + b, out, i);
+        fwht_store<Out, T, Arch>(x + half, a - b, out_b, i);
+    };
+    (fuse(I * lanes, v[I]), ...);
+}
+
 /// Runs the radix-2^r pass (1 <= r <= 4), choosing the instantiation at run time.
 template <class T, class Arch, fwht_scale Out>
 void fwht_strided_pass_r(T* x, std::size_t n, std::size_t stride, unsigned r, const fwht_multiplier<T>& out) noexcept
@@ -534,6 +561,9 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
         fwht_scalar<T, In, Out>(x.data(), n, in, out);
     else if (n <= fwht_leaf_registers<Arch> * lanes)
         fwht_passes<T, Arch, In, Out>(x.data(), n, {}, 0, in, out, ahead);
+    else if (n == 2 * fwht_leaf_registers<Arch> * lanes)
+        fwht_leaf_pair<T, Arch, fwht_leaf_registers<Arch>, In, Out>(
+            x.data(), in, out, ahead, std::make_index_sequence<fwht_leaf_registers<Arch>>{});
     else {
         const auto plan = fwht_plan_passes<T, Arch>(static_cast<unsigned>(std::countr_zero(n)));
         fwht_passes<T, Arch, In, Out>(x.data(), n, plan, plan.count, in, out, ahead);
