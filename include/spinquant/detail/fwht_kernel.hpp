@@ -11,6 +11,7 @@
 // - A leaf pass keeps G consecutive registers (G * lanes elements) in registers and finishes
 //   all their stages at once; the remaining stages are radix-2^r passes (r = 3 or 4) that load
 //   2^r registers at a power-of-two stride, butterfly them, and store them back.
+// - A row of two leaves runs both leaf passes and fuses the stage between them into the second.
 // - Blocks of up to fwht_block_bytes are finished while they sit in L1; larger
 //   transforms recurse depth first (cache oblivious in spirit), so each level streams the
 //   array once.
