@@ -191,78 +191,67 @@ void BM_plan(benchmark::State& state) { run_plan(state, 0); }
 /// load and store of the kernels straddles two cache lines.
 void BM_plan_misaligned(benchmark::State& state) { run_plan(state, 4); }
 
-/// The plan and the stream on the same batch, one pass of each in turn: the share of the stream
-/// rate that the plan reaches, free of what moves separate cases apart (the physical pages each
-/// batch gets, the machine's load drifting between cases). The reported time is the plan's.
-void BM_plan_vs_stream(benchmark::State& state)
-{
-    batch b = make_batch(state);
-    const spinquant::hadamard_plan<float> plan(b.n);
-    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
-    using clock = std::chrono::steady_clock;
-    double plan_seconds = 0, stream_seconds = 0;
-    for (auto _ : state) {
-        const auto t0 = clock::now();
-        stream_pass(b);
-        const auto t1 = clock::now();
-        plan.apply_rows(view);
-        benchmark::DoNotOptimize(b.data.data());
-        benchmark::ClobberMemory();
-        const auto t2 = clock::now();
-        const double p = std::chrono::duration<double>(t2 - t1).count();
-        stream_seconds += std::chrono::duration<double>(t1 - t0).count();
-        plan_seconds += p;
-        state.SetIterationTime(p);
-    }
-    finish(state, b);
-    const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(b.rows * b.n * sizeof(float));
-    state.counters["stream_GBps"] = bytes / stream_seconds / 1e9;
-    state.counters["plan_per_stream"] = stream_seconds / plan_seconds;
-}
-
-/// Where the from-memory time goes: the stream, the kernel's leaf pass alone (its first pass, which
-/// reads every row from memory and finishes the stages inside 16 registers; spinquant::detail) and
-/// the whole plan, in turn on the same batch. The reported time is the leaf pass's. The plan
-/// costs the leaf's time plus that of the strided passes which follow it in L1/L2, where no
-/// memory traffic is left to hide them: plan_per_stream falls below leaf_per_stream by their share.
-void BM_leaf_vs_stream(benchmark::State& state)
+/// The kernel's leaf pass alone (its first pass, which reads every row from memory and finishes
+/// the stages inside 16 registers; spinquant::detail) over every row of b.
+void leaf_pass(batch& b)
 {
     namespace detail = spinquant::detail;
     using arch = xsimd::default_arch;
     constexpr std::size_t leaf = detail::fwht_leaf_registers<arch> * xsimd::batch<float, arch>::size;
-    batch b = make_batch(state);
-    const spinquant::hadamard_plan<float> plan(b.n);
-    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
     // The leaf's own orthonormal scale, so that repeated passes keep the values' size.
     const detail::fwht_multiplier<float> scale{detail::fwht_scale::scalar, 1.0f / std::sqrt(float(leaf)), nullptr};
     const detail::fwht_window<float> region{b.data.data(), b.data.size()};
+    for (std::size_t r = 0; r < b.rows; ++r)
+        detail::fwht_leaf_pass<float, arch, detail::fwht_leaf_registers<arch>, detail::fwht_scale::scalar,
+                               detail::fwht_scale::none>(
+            b.data.data() + r * b.n, b.n, scale, {}, region.advanced(r * b.n + detail::fwht_prefetch_bytes / sizeof(float)));
+    benchmark::DoNotOptimize(b.data.data());
+    benchmark::ClobberMemory();
+}
+
+/// The stream, then (with_leaf) the leaf pass alone, then the plan, in turn on the same batch: the
+/// shares of the stream rate they reach, free of what moves separate cases apart (the physical
+/// pages each batch gets, the machine's load drifting between cases). The reported time is the
+/// plan's, or the leaf pass's with_leaf.
+void run_vs_stream(benchmark::State& state, bool with_leaf)
+{
+    batch b = make_batch(state);
+    const spinquant::hadamard_plan<float> plan(b.n);
+    const auto view = spinquant::as_matrix_view(b.data.data(), b.rows, b.n);
     using clock = std::chrono::steady_clock;
+    const auto seconds = [](clock::time_point from, clock::time_point to) {
+        return std::chrono::duration<double>(to - from).count();
+    };
     double stream_seconds = 0, leaf_seconds = 0, plan_seconds = 0;
     for (auto _ : state) {
         const auto t0 = clock::now();
         stream_pass(b);
         const auto t1 = clock::now();
-        for (std::size_t r = 0; r < b.rows; ++r)
-            detail::fwht_leaf_pass<float, arch, detail::fwht_leaf_registers<arch>, detail::fwht_scale::scalar,
-                                   detail::fwht_scale::none>(
-                b.data.data() + r * b.n, b.n, scale, {},
-                region.advanced(r * b.n + detail::fwht_prefetch_bytes / sizeof(float)));
-        benchmark::DoNotOptimize(b.data.data());
-        benchmark::ClobberMemory();
+        if (with_leaf) leaf_pass(b);
         const auto t2 = clock::now();
         plan.apply_rows(view);
         benchmark::DoNotOptimize(b.data.data());
         benchmark::ClobberMemory();
         const auto t3 = clock::now();
-        stream_seconds += std::chrono::duration<double>(t1 - t0).count();
-        leaf_seconds += std::chrono::duration<double>(t2 - t1).count();
-        plan_seconds += std::chrono::duration<double>(t3 - t2).count();
-        state.SetIterationTime(std::chrono::duration<double>(t2 - t1).count());
+        stream_seconds += seconds(t0, t1);
+        leaf_seconds += seconds(t1, t2);
+        plan_seconds += seconds(t2, t3);
+        state.SetIterationTime(with_leaf ? seconds(t1, t2) : seconds(t2, t3));
     }
     finish(state, b);
-    state.counters["leaf_per_stream"] = stream_seconds / leaf_seconds;
+    const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(b.rows * b.n * sizeof(float));
+    state.counters["stream_GBps"] = bytes / stream_seconds / 1e9;
     state.counters["plan_per_stream"] = stream_seconds / plan_seconds;
+    if (with_leaf) state.counters["leaf_per_stream"] = stream_seconds / leaf_seconds;
 }
+
+/// The plan against the stream.
+void BM_plan_vs_stream(benchmark::State& state) { run_vs_stream(state, false); }
+
+/// Where the from-memory time goes: the plan costs the leaf pass's time plus that of the strided
+/// passes which follow it in L1/L2, where no memory traffic is left to hide them, so
+/// plan_per_stream falls below leaf_per_stream by their share.
+void BM_leaf_vs_stream(benchmark::State& state) { run_vs_stream(state, true); }
 
 spinquant::hadamard_options with_signs()
 {
