@@ -913,6 +913,34 @@ void check_arch()
             REQUIRE_THAT(static_cast<double>(x[i]), Catch::Matchers::WithinAbs(expected, tol));
         }
     }
+    // Long rows, every output: the plans beyond the L1 blocks and spans (AVX-512: 2^16 floats and
+    // 2^15 doubles run split plans), the kernel alone and whole plans with signs both ways (the
+    // signs ride in the first pass forward and in the last one inverse).
+    for (const std::size_t n : {std::size_t{1} << 14, std::size_t{1} << 15, std::size_t{1} << 16}) {
+        INFO("n = " << n);
+        const auto x = random_vector<T>(n, n + lanes);
+        const double tol = spinquant::test::transform_tolerance<T>(sum_abs(x), 1.0, std::log2(static_cast<double>(n)));
+        auto y = x;
+        spinquant::detail::fwht_pow2<T, Arch>(std::span<T>(y));
+        const auto expected = spinquant::test::pow2_transform(std::span<const T>(x), {}, 1.0, false);
+        for (std::size_t i = 0; i < n; ++i)
+            if (std::abs(static_cast<double>(y[i]) - expected[i]) > tol) FAIL("kernel, output " << i << ": " << y[i] << " != " << expected[i]);
+        hadamard_options o;
+        o.random_signs = true;
+        o.seed = n;
+        const hadamard_plan<T, Arch> plan(n, o);
+        const std::vector<double> signs(plan.signs().begin(), plan.signs().end());
+        const double ptol = spinquant::test::transform_tolerance<T>(sum_abs(x), exact_divisor(n), std::log2(static_cast<double>(n)));
+        for (const bool inverse : {false, true}) {
+            auto z = x;
+            inverse ? plan.apply_inverse(z) : plan.apply(z);
+            const auto want = spinquant::test::pow2_transform(std::span<const T>(x), std::span<const double>(signs),
+                                                              exact_divisor(n), inverse);
+            for (std::size_t i = 0; i < n; ++i)
+                if (std::abs(static_cast<double>(z[i]) - want[i]) > ptol)
+                    FAIL((inverse ? "inverse" : "forward") << " plan with signs, output " << i << ": " << z[i] << " != " << want[i]);
+        }
+    }
     // Whole plans (kernel, signs, both mixes) for K * m with m around the strip widths, up to two
     // leaves (the fused leaf pair) and at least 16 registers.
     const std::size_t largest_m = std::max(4 * lanes * 4, 2 * spinquant::detail::fwht_leaf_registers<Arch> * lanes);

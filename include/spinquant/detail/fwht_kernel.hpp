@@ -15,6 +15,9 @@
 // - Blocks of up to fwht_block_bytes are finished while they sit in L1; larger
 //   transforms recurse depth first (cache oblivious in spirit), so each level streams the
 //   array once.
+// - Where that would take two passes over L2 (65536 floats with AVX-512), a split plan finishes
+//   every 32 KiB span in L1 but for the lowest bit above the leaf, which one last pass takes
+//   together with the bits above the span: one pass over L2 (fwht_plan_passes).
 // - Scaling (1/sqrt(n)) and random signs ride along in the first pass; a per-element
 //   multiplier needed after the transform rides along in the last one.
 // Every function here depends on Arch, so one program can hold several instantiations (ODR).
@@ -296,23 +299,31 @@ inline void fwht_store(T* x, xsimd::batch<T, Arch> v, const fwht_multiplier<T>& 
     v.store_unaligned(x + i);
 }
 
-/// v[t] <- the register at x + i + t * step (times the multiplier), t = 0..R-1 (a fold, see the
-/// top). Offsets from x + i, so that a constant step becomes an addressing displacement.
-template <fwht_scale Kind, class T, class Arch, std::size_t R, std::size_t... I>
-inline void fwht_load_registers(std::array<xsimd::batch<T, Arch>, R>& v, const T* x, const fwht_multiplier<T>& m,
-                                std::size_t i, std::size_t step, std::index_sequence<I...>) noexcept
+/// Where register t of a pass sits, from its first element: index bit 0 of t steps by `low`, the
+/// bits above it by `high` (t * low when high = 2 low, the usual power-of-two stride).
+[[nodiscard]] constexpr std::size_t fwht_register_offset(std::size_t t, std::size_t low, std::size_t high) noexcept
 {
-    const fwht_multiplier<T> mi = m.advanced(i);
-    ((v[I] = fwht_load<Kind, T, Arch>(x + i, mi, I * step)), ...);
+    return (t & 1) * low + (t >> 1) * high;
 }
 
-/// The R registers of v back to x + i + t * step (times the multiplier), t = 0..R-1.
+/// v[t] <- the register at x + i + fwht_register_offset(t, low, high) (times the multiplier),
+/// t = 0..R-1 (a fold, see the top). Offsets from x + i, so that constant strides become
+/// addressing displacements.
 template <fwht_scale Kind, class T, class Arch, std::size_t R, std::size_t... I>
-inline void fwht_store_registers(const std::array<xsimd::batch<T, Arch>, R>& v, T* x, const fwht_multiplier<T>& m,
-                                 std::size_t i, std::size_t step, std::index_sequence<I...>) noexcept
+inline void fwht_load_registers(std::array<xsimd::batch<T, Arch>, R>& v, const T* x, const fwht_multiplier<T>& m,
+                                std::size_t i, std::size_t low, std::size_t high, std::index_sequence<I...>) noexcept
 {
     const fwht_multiplier<T> mi = m.advanced(i);
-    (fwht_store<Kind, T, Arch>(x + i, v[I], mi, I * step), ...);
+    ((v[I] = fwht_load<Kind, T, Arch>(x + i, mi, fwht_register_offset(I, low, high))), ...);
+}
+
+/// The R registers of v back to where fwht_load_registers found them (times the multiplier).
+template <fwht_scale Kind, class T, class Arch, std::size_t R, std::size_t... I>
+inline void fwht_store_registers(const std::array<xsimd::batch<T, Arch>, R>& v, T* x, const fwht_multiplier<T>& m,
+                                 std::size_t i, std::size_t low, std::size_t high, std::index_sequence<I...>) noexcept
+{
+    const fwht_multiplier<T> mi = m.advanced(i);
+    (fwht_store<Kind, T, Arch>(x + i, v[I], mi, fwht_register_offset(I, low, high)), ...);
 }
 
 /// A stretch of memory, `size` elements from `data`, for prefetching: the caller passes the memory
@@ -367,25 +378,31 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multi
     for (std::size_t i = 0; i < n; i += R * lanes) {
         for (std::size_t p = i; p < i + R * lanes && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
         std::array<xsimd::batch<T, Arch>, R> v;
-        fwht_load_registers<In, T, Arch>(v, x, in, i, lanes, std::make_index_sequence<R>{});
+        fwht_load_registers<In, T, Arch>(v, x, in, i, lanes, 2 * lanes, std::make_index_sequence<R>{});
         fwht_registers_transform<T, Arch, R>(v);
-        fwht_store_registers<Out, T, Arch>(v, x, out, i, lanes, std::make_index_sequence<R>{});
+        fwht_store_registers<Out, T, Arch>(v, x, out, i, lanes, 2 * lanes, std::make_index_sequence<R>{});
     }
 }
 
-/// One radix-R pass over x[0..n): butterflies the log2(R) index bits starting at `stride`
-/// (a multiple of L) between registers loaded `stride` elements apart. n is a multiple of R * stride.
-template <class T, class Arch, std::size_t R, fwht_scale Out>
-SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, std::size_t stride, const fwht_multiplier<T>& out) noexcept
+/// One radix-R pass over x[0..n): butterflies index bit log2(low) and the log2(R) - 1 bits from
+/// log2(high) on, between registers loaded fwht_register_offset(t, low, high) elements apart.
+/// low is a multiple of L, high of 2 low, n of R/2 high. With high = 2 low: the log2(R)
+/// consecutive bits from log2(low), registers `low` apart (the usual strided pass). Low and High:
+/// std::size_t, or std::integral_constant where the strides are known at compile time (they then
+/// become addressing displacements instead of 16 offsets competing for the integer registers).
+template <class T, class Arch, std::size_t R, fwht_scale Out, class Low = std::size_t, class High = std::size_t>
+SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, Low low, High high,
+                                              const fwht_multiplier<T>& out) noexcept
 {
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
-    for (std::size_t block = 0; block < n; block += R * stride)
-        for (std::size_t j = block; j < block + stride; j += lanes) {
-            std::array<xsimd::batch<T, Arch>, R> v;
-            fwht_load_registers<fwht_scale::none, T, Arch>(v, x, {}, j, stride, std::make_index_sequence<R>{});
-            fwht_register_network<1, R>(v);
-            fwht_store_registers<Out, T, Arch>(v, x, out, j, stride, std::make_index_sequence<R>{});
-        }
+    for (std::size_t block = 0; block < n; block += R / 2 * high)
+        for (std::size_t part = block; part < block + high; part += 2 * low)
+            for (std::size_t j = part; j < part + low; j += lanes) {
+                std::array<xsimd::batch<T, Arch>, R> v;
+                fwht_load_registers<fwht_scale::none, T, Arch>(v, x, {}, j, low, high, std::make_index_sequence<R>{});
+                fwht_register_network<1, R>(v);
+                fwht_store_registers<Out, T, Arch>(v, x, out, j, low, high, std::make_index_sequence<R>{});
+            }
 }
 
 /// The transform of two leaves, x[0..2 R L): the leaf pass on each, the last stage (between
@@ -401,10 +418,10 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, c
     constexpr std::size_t line = 64 / sizeof(T);
     for (std::size_t p = 0; p < 2 * half && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
     std::array<batch, R> v;
-    fwht_load_registers<In, T, Arch>(v, x, in, 0, lanes, seq);
+    fwht_load_registers<In, T, Arch>(v, x, in, 0, lanes, 2 * lanes, seq);
     fwht_registers_transform<T, Arch, R>(v);
-    fwht_store_registers<fwht_scale::none, T, Arch>(v, x, {}, 0, lanes, seq);
-    fwht_load_registers<In, T, Arch>(v, x, in, half, lanes, seq);
+    fwht_store_registers<fwht_scale::none, T, Arch>(v, x, {}, 0, lanes, 2 * lanes, seq);
+    fwht_load_registers<In, T, Arch>(v, x, in, half, lanes, 2 * lanes, seq);
     fwht_registers_transform<T, Arch, R>(v);
     const fwht_multiplier<T> out_b = out.advanced(half);
     const auto fuse = [&](std::size_t i, const batch& b) SPINQUANT_FWHT_LAMBDA_INLINE {
@@ -416,16 +433,16 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, c
 }
 
 /// Runs the radix-2^r pass (1 <= r <= 4), choosing the instantiation at run time.
-template <class T, class Arch, fwht_scale Out>
-void fwht_strided_pass_r(T* x, std::size_t n, std::size_t stride, unsigned r, const fwht_multiplier<T>& out) noexcept
+template <class T, class Arch, fwht_scale Out, class Low = std::size_t, class High = std::size_t>
+void fwht_strided_pass_r(T* x, std::size_t n, Low low, High high, unsigned r, const fwht_multiplier<T>& out) noexcept
 {
     switch (r) {
-    case 1: fwht_strided_pass<T, Arch, 2, Out>(x, n, stride, out); break;
-    case 2: fwht_strided_pass<T, Arch, 4, Out>(x, n, stride, out); break;
-    case 3: fwht_strided_pass<T, Arch, 8, Out>(x, n, stride, out); break;
+    case 1: fwht_strided_pass<T, Arch, 2, Out>(x, n, low, high, out); break;
+    case 2: fwht_strided_pass<T, Arch, 4, Out>(x, n, low, high, out); break;
+    case 3: fwht_strided_pass<T, Arch, 8, Out>(x, n, low, high, out); break;
     default:
         if constexpr (fwht_max_radix_log2<Arch> >= 4)
-            fwht_strided_pass<T, Arch, 16, Out>(x, n, stride, out);
+            fwht_strided_pass<T, Arch, 16, Out>(x, n, low, high, out);
         else
             SPINQUANT_ASSERT(false);
         break;
@@ -454,10 +471,15 @@ void fwht_scalar(T* x, std::size_t n, const fwht_multiplier<T>& in, const fwht_m
         for (std::size_t i = 0; i < n; ++i) x[i] *= out.values[i];
 }
 
-/// The strided passes of one transform: their radices (log2), bottom up.
+/// The strided passes of one transform: their radices (log2), bottom up, over the consecutive
+/// index bits from `first` on. A split plan (span_bits > 0) runs the leaf pass and these passes on
+/// each span of 2^span_bits elements, so they leave bit first - 1 alone, and ends with one pass
+/// over bit first - 1 and the bits from span_bits up (fwht_plan_passes says why).
 struct fwht_pass_plan {
     std::array<unsigned char, 64> radix{};
     unsigned count = 0;
+    unsigned first = 0;
+    unsigned span_bits = 0;
 };
 
 /// Bits finished by the leaf pass on Arch.
@@ -477,36 +499,70 @@ template <class T, class Arch>
     return aliased && fwht_max_radix_log2<Arch> > 3 ? 3 : fwht_max_radix_log2<Arch>;
 }
 
-/// Splits the index bits above the leaf into as few strided passes as the radix caps allow,
-/// then evens them out (larger radices at the bottom) where the caps still hold.
+/// Splits the index bits [first, bits) into as few strided passes as the radix caps allow, then
+/// evens them out (larger radices at the bottom) where the caps still hold.
 template <class T, class Arch>
-[[nodiscard]] fwht_pass_plan fwht_plan_passes(unsigned bits) noexcept
+[[nodiscard]] constexpr fwht_pass_plan fwht_plan_range(unsigned first, unsigned bits) noexcept
 {
     fwht_pass_plan greedy;
-    for (unsigned first = fwht_leaf_bits<T, Arch>; first < bits;) {
-        const unsigned cap = fwht_radix_cap<T, Arch>(first);
-        const unsigned r = bits - first < cap ? bits - first : cap;
+    greedy.first = first;
+    for (unsigned bit = first; bit < bits;) {
+        const unsigned cap = fwht_radix_cap<T, Arch>(bit);
+        const unsigned r = bits - bit < cap ? bits - bit : cap;
         greedy.radix[greedy.count++] = static_cast<unsigned char>(r);
-        first += r;
+        bit += r;
     }
-    fwht_pass_plan even;
-    even.count = greedy.count;
-    const unsigned above = bits - fwht_leaf_bits<T, Arch>;
-    unsigned first = fwht_leaf_bits<T, Arch>;
+    fwht_pass_plan even = greedy;
+    const unsigned above = bits - first;
+    unsigned bit = first;
     for (unsigned p = 0; p < even.count; ++p) {
         const unsigned r = (above + even.count - 1 - p) / even.count;
-        if (r > fwht_radix_cap<T, Arch>(first)) return greedy;
+        if (r > fwht_radix_cap<T, Arch>(bit)) return greedy;
         even.radix[p] = static_cast<unsigned char>(r);
-        first += r;
+        bit += r;
     }
     return even;
 }
 
-/// Index bits below strided pass `level` (the leaf's plus those of passes 0..level-1).
+/// Spans that split plans finish in L1 before their last pass: two thirds of a 48 KiB L1 data
+/// cache, the rest for the lines the leaf pass prefetches.
+inline constexpr std::size_t fwht_span_bytes = std::size_t{1} << 15;
+
+/// The strided passes a split plan runs inside each span: index bits leaf + 1 .. span - 1 (bit
+/// `leaf` is left to the last pass). The same for every length: a compile-time constant.
 template <class T, class Arch>
-[[nodiscard]] unsigned fwht_bits_below(const fwht_pass_plan& plan, unsigned level) noexcept
+inline constexpr fwht_pass_plan fwht_span_plan = [] {
+    constexpr auto span_bits = static_cast<unsigned>(std::countr_zero(fwht_span_bytes / sizeof(T)));
+    fwht_pass_plan plan = fwht_plan_range<T, Arch>(fwht_leaf_bits<T, Arch> + 1, span_bits);
+    plan.span_bits = span_bits;
+    return plan;
+}();
+
+/// The passes of a 2^bits transform (bits above one leaf). Rows beyond a span pay for every pass
+/// over L2 in full (from memory too: no memory traffic is left to hide them behind), and the
+/// contiguous plan needs two such passes when the bits above the L1 blocks exceed one aliased
+/// radix (65536 floats with AVX-512). A split plan needs one: it leaves the lowest bit above the
+/// leaf (whose stride does not alias in L1) to the last pass, which takes it with the bits above
+/// the span, so every span gets all its other bits while it sits in L1. Used where it saves a pass
+/// (the result is then fwht_span_plan, span_bits > 0).
+template <class T, class Arch>
+[[nodiscard]] fwht_pass_plan fwht_plan_passes(unsigned bits) noexcept
 {
-    unsigned bits = fwht_leaf_bits<T, Arch>;
+    constexpr unsigned leaf = fwht_leaf_bits<T, Arch>;
+    constexpr auto& split = fwht_span_plan<T, Arch>;
+    const fwht_pass_plan contiguous = fwht_plan_range<T, Arch>(leaf, bits);
+    const bool leaf_stride_aliases = (std::size_t{1} << leaf) * sizeof(T) >= fwht_alias_bytes;
+    const unsigned span = split.span_bits;
+    if (bits <= span || split.count == 0 || leaf_stride_aliases || 1 + bits - span > fwht_max_radix_log2<Arch> ||
+        bits - span > fwht_radix_cap<T, Arch>(span) || split.count + 1 >= contiguous.count)
+        return contiguous;
+    return split;
+}
+
+/// Index bits below strided pass `level` (the leaf's plus those of passes 0..level-1).
+[[nodiscard]] constexpr unsigned fwht_bits_below(const fwht_pass_plan& plan, unsigned level) noexcept
+{
+    unsigned bits = plan.first;
     for (unsigned p = 0; p < level; ++p) bits += plan.radix[p];
     return bits;
 }
@@ -532,7 +588,7 @@ void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned level
         return;
     }
     const unsigned top = levels - 1;
-    const std::size_t stride = std::size_t{1} << fwht_bits_below<T, Arch>(plan, top);
+    const std::size_t stride = std::size_t{1} << fwht_bits_below(plan, top);
     if (n <= block) {
         fwht_passes<T, Arch, In, fwht_scale::none>(x, n, plan, top, in, {}, ahead);
     } else {
@@ -544,7 +600,39 @@ void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned level
                                                        ahead.advanced(t * stride));
         }
     }
-    fwht_strided_pass_r<T, Arch, Out>(x, n, stride, plan.radix[top], out);
+    fwht_strided_pass_r<T, Arch, Out>(x, n, stride, 2 * stride, plan.radix[top], out);
+}
+
+/// The strided passes of fwht_span_plan on the span at x, strides known at compile time (they
+/// become addressing displacements instead of 16 offsets competing for the integer registers).
+template <class T, class Arch, std::size_t... P>
+void fwht_span_passes(T* x, std::index_sequence<P...>) noexcept
+{
+    constexpr auto& plan = fwht_span_plan<T, Arch>;
+    constexpr std::size_t span = std::size_t{1} << plan.span_bits;
+    (fwht_strided_pass<T, Arch, std::size_t{1} << plan.radix[P], fwht_scale::none>(
+         x, span, std::integral_constant<std::size_t, std::size_t{1} << fwht_bits_below(plan, P)>{},
+         std::integral_constant<std::size_t, std::size_t{2} << fwht_bits_below(plan, P)>{}, {}),
+     ...);
+}
+
+/// The transform of x[0..n) by the split plan (n > one span): on each span, the leaf pass and the
+/// strided passes one after the other (the span fits in L1), then the pass over the bit just above
+/// the leaf and the bits above the span.
+template <class T, class Arch, fwht_scale In, fwht_scale Out>
+void fwht_split_passes(T* x, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
+                       const fwht_window<T>& ahead) noexcept
+{
+    constexpr auto& plan = fwht_span_plan<T, Arch>;
+    constexpr std::size_t span = std::size_t{1} << plan.span_bits;
+    for (std::size_t s = 0; s < n; s += span) {
+        fwht_passes<T, Arch, In, fwht_scale::none>(x + s, span, plan, 0, in.advanced(s), {}, ahead.advanced(s));
+        fwht_span_passes<T, Arch>(x + s, std::make_index_sequence<plan.count>{});
+    }
+    using low = std::integral_constant<std::size_t, std::size_t{1} << fwht_leaf_bits<T, Arch>>;
+    using high = std::integral_constant<std::size_t, span>;
+    const auto radix = static_cast<unsigned>(std::countr_zero(n / span)) + 1;
+    fwht_strided_pass_r<T, Arch, Out>(x, n, low{}, high{}, radix, out);
 }
 
 /// x <- diag(out) * H_n * diag(in) * x for n = x.size() a power of two (n >= 1), in place.
@@ -567,7 +655,10 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
             x.data(), in, out, ahead, std::make_index_sequence<fwht_leaf_registers<Arch>>{});
     else {
         const auto plan = fwht_plan_passes<T, Arch>(static_cast<unsigned>(std::countr_zero(n)));
-        fwht_passes<T, Arch, In, Out>(x.data(), n, plan, plan.count, in, out, ahead);
+        if (plan.span_bits == 0)
+            fwht_passes<T, Arch, In, Out>(x.data(), n, plan, plan.count, in, out, ahead);
+        else
+            fwht_split_passes<T, Arch, In, Out>(x.data(), n, in, out, ahead);
     }
 }
 
