@@ -223,6 +223,30 @@ TEMPLATE_TEST_CASE("fwht matches the dense orthonormal Sylvester matrix for ever
     }
 }
 
+TEST_CASE("the factorised power-of-two reference equals the dense one, with and without signs, both ways",
+          "[hadamard][reference]")
+{
+    // spinquant::test::pow2_transform checks every output of the long rows; here it is checked
+    // itself against the entry-by-entry product, for odd and even log2(n).
+    for (std::size_t n = 1; n <= 512; n *= 2)
+        for (const bool with_signs : {false, true})
+            for (const bool inverse : {false, true}) {
+                INFO("n = " << n << (with_signs ? ", signs" : "") << (inverse ? ", inverse" : ""));
+                const auto x = random_vector<double>(n, n);
+                dense_hadamard d;
+                d.n = n;
+                d.divisor = exact_divisor(n);
+                if (with_signs) {
+                    const auto r = random_vector<double>(n, n + 1);
+                    for (const double v : r) d.signs.push_back(v < 0 ? -1.0 : 1.0);
+                }
+                const auto want = d.apply(std::span<const double>(x), inverse);
+                const auto got = spinquant::test::pow2_transform(std::span<const double>(x), std::span<const double>(d.signs),
+                                                                 d.divisor, inverse);
+                for (std::size_t i = 0; i < n; ++i) REQUIRE_THAT(got[i], Catch::Matchers::WithinAbs(want[i], 1e-12));
+            }
+}
+
 TEMPLATE_TEST_CASE("fwht is an involution and preserves the norm", "[hadamard]", float, double)
 {
     const std::size_t n = GENERATE(as<std::size_t>{}, 2, 64, 4096, 65536);
