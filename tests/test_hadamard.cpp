@@ -924,6 +924,31 @@ void check_arch()
             (check.template operator()<std::size_t{1} << B>(), ...);
         }(std::make_index_sequence<4>{});
     }
+    // The plan table: every length's passes cover each index bit above the leaf once, within the
+    // radix caps; split plans only where they save a pass (on AVX-512: 2^16 floats, 2^15 doubles).
+    {
+        namespace d = spinquant::detail;
+        constexpr unsigned leaf = d::fwht_leaf_bits<T, Arch>;
+        for (unsigned bits = leaf + 2; bits <= 40; ++bits) {
+            INFO("2^" << bits);
+            const d::fwht_pass_plan& plan = d::fwht_plans<T, Arch>[bits];
+            const d::fwht_pass_plan contiguous = d::fwht_plan_range<T, Arch>(leaf, bits);
+            const unsigned top = plan.span_bits == 0 ? bits : plan.span_bits;
+            REQUIRE(plan.first == (plan.span_bits == 0 ? leaf : leaf + 1));
+            REQUIRE(d::fwht_bits_below(plan, plan.count) == top);
+            for (unsigned p = 0; p < plan.count; ++p) {
+                REQUIRE(plan.radix[p] >= 1);
+                REQUIRE(plan.radix[p] <= d::fwht_radix_cap<T, Arch>(d::fwht_bits_below(plan, p)));
+            }
+            if (plan.span_bits != 0) {
+                REQUIRE(plan.span_bits < bits);
+                REQUIRE(1 + bits - plan.span_bits <= d::fwht_max_radix_log2<Arch>);  // the last pass
+                REQUIRE(plan.count + 1 < contiguous.count);
+            }
+            const bool split_expected = std::is_base_of_v<xsimd::avx512f, Arch> && bits == (sizeof(T) == 4 ? 16u : 15u);
+            CHECK((plan.span_bits != 0) == split_expected);
+        }
+    }
     // The unnormalised kernel against the Sylvester definition, around the register width.
     for (std::size_t n = 1; n <= (std::size_t{1} << 13); n *= 2) {
         auto x = random_vector<T>(n, n + lanes);

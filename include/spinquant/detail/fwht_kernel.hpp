@@ -25,6 +25,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <type_traits>
 #include <utility>
@@ -416,11 +417,9 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, c
     constexpr std::size_t lanes = batch::size;
     constexpr std::size_t half = R * lanes;
     constexpr std::size_t line = 64 / sizeof(T);
-    for (std::size_t p = 0; p < 2 * half && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
+    fwht_leaf_pass<T, Arch, R, In, fwht_scale::none>(x, half, in, {}, ahead);
+    for (std::size_t p = half; p < 2 * half && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
     std::array<batch, R> v;
-    fwht_load_registers<In, T, Arch>(v, x, in, 0, lanes, 2 * lanes, seq);
-    fwht_registers_transform<T, Arch, R>(v);
-    fwht_store_registers<fwht_scale::none, T, Arch>(v, x, {}, 0, lanes, 2 * lanes, seq);
     fwht_load_registers<In, T, Arch>(v, x, in, half, lanes, 2 * lanes, seq);
     fwht_registers_transform<T, Arch, R>(v);
     const fwht_multiplier<T> out_b = out.advanced(half);
@@ -544,9 +543,10 @@ inline constexpr fwht_pass_plan fwht_span_plan = [] {
 /// radix (65536 floats with AVX-512). A split plan needs one: it leaves the lowest bit above the
 /// leaf (whose stride does not alias in L1) to the last pass, which takes it with the bits above
 /// the span, so every span gets all its other bits while it sits in L1. Used where it saves a pass
-/// (the result is then fwht_span_plan, span_bits > 0).
+/// (the plan is then fwht_span_plan, span_bits > 0: the passes inside a span; the last pass
+/// follows from n).
 template <class T, class Arch>
-[[nodiscard]] fwht_pass_plan fwht_plan_passes(unsigned bits) noexcept
+[[nodiscard]] constexpr fwht_pass_plan fwht_plan_passes(unsigned bits) noexcept
 {
     constexpr unsigned leaf = fwht_leaf_bits<T, Arch>;
     constexpr auto& split = fwht_span_plan<T, Arch>;
@@ -558,6 +558,14 @@ template <class T, class Arch>
         return contiguous;
     return split;
 }
+
+/// The plan of every length, index log2(n), built at compile time: a row looks its plan up.
+template <class T, class Arch>
+inline constexpr auto fwht_plans = [] {
+    std::array<fwht_pass_plan, std::numeric_limits<std::size_t>::digits> plans{};
+    for (unsigned bits = 0; bits < plans.size(); ++bits) plans[bits] = fwht_plan_passes<T, Arch>(bits);
+    return plans;
+}();
 
 /// Index bits below strided pass `level` (the leaf's plus those of passes 0..level-1).
 [[nodiscard]] constexpr unsigned fwht_bits_below(const fwht_pass_plan& plan, unsigned level) noexcept
@@ -654,7 +662,7 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
         fwht_leaf_pair<T, Arch, fwht_leaf_registers<Arch>, In, Out>(
             x.data(), in, out, ahead, std::make_index_sequence<fwht_leaf_registers<Arch>>{});
     else {
-        const auto plan = fwht_plan_passes<T, Arch>(static_cast<unsigned>(std::countr_zero(n)));
+        const fwht_pass_plan& plan = fwht_plans<T, Arch>[static_cast<unsigned>(std::countr_zero(n))];
         if (plan.span_bits == 0)
             fwht_passes<T, Arch, In, Out>(x.data(), n, plan, plan.count, in, out, ahead);
         else
