@@ -226,8 +226,8 @@ TEMPLATE_TEST_CASE("fwht matches the dense orthonormal Sylvester matrix for ever
 TEST_CASE("the factorised power-of-two reference equals the dense one, with and without signs, both ways",
           "[hadamard][reference]")
 {
-    // spinquant::test::pow2_transform checks every output of the long rows; here it is checked
-    // itself against the entry-by-entry product, for odd and even log2(n).
+    // dense_hadamard::apply_pow2 checks every output of the long rows; here it is checked itself
+    // against the entry-by-entry product, for odd and even log2(n).
     for (std::size_t n = 1; n <= 512; n *= 2)
         for (const bool with_signs : {false, true})
             for (const bool inverse : {false, true}) {
@@ -241,8 +241,7 @@ TEST_CASE("the factorised power-of-two reference equals the dense one, with and 
                     for (const double v : r) d.signs.push_back(v < 0 ? -1.0 : 1.0);
                 }
                 const auto want = d.apply(std::span<const double>(x), inverse);
-                const auto got = spinquant::test::pow2_transform(std::span<const double>(x), std::span<const double>(d.signs),
-                                                                 d.divisor, inverse);
+                const auto got = d.apply_pow2(std::span<const double>(x), inverse);
                 for (std::size_t i = 0; i < n; ++i) REQUIRE_THAT(got[i], Catch::Matchers::WithinAbs(want[i], 1e-12));
             }
 }
@@ -971,20 +970,21 @@ void check_arch()
         const double tol = spinquant::test::transform_tolerance<T>(sum_abs(x), 1.0, std::log2(static_cast<double>(n)));
         auto y = x;
         spinquant::detail::fwht_pow2<T, Arch>(std::span<T>(y));
-        const auto expected = spinquant::test::pow2_transform(std::span<const T>(x), {}, 1.0, false);
+        dense_hadamard unnormalised;
+        unnormalised.n = n;
+        const auto expected = unnormalised.apply_pow2(std::span<const T>(x), false);
         for (std::size_t i = 0; i < n; ++i)
             if (std::abs(static_cast<double>(y[i]) - expected[i]) > tol) FAIL("kernel, output " << i << ": " << y[i] << " != " << expected[i]);
         hadamard_options o;
         o.random_signs = true;
         o.seed = n;
         const hadamard_plan<T, Arch> plan(n, o);
-        const std::vector<double> signs(plan.signs().begin(), plan.signs().end());
+        const dense_hadamard ref = reference_of(plan, exact_divisor(n));
         const double ptol = spinquant::test::transform_tolerance<T>(sum_abs(x), exact_divisor(n), std::log2(static_cast<double>(n)));
         for (const bool inverse : {false, true}) {
             auto z = x;
             inverse ? plan.apply_inverse(z) : plan.apply(z);
-            const auto want = spinquant::test::pow2_transform(std::span<const T>(x), std::span<const double>(signs),
-                                                              exact_divisor(n), inverse);
+            const auto want = ref.apply_pow2(std::span<const T>(x), inverse);
             for (std::size_t i = 0; i < n; ++i)
                 if (std::abs(static_cast<double>(z[i]) - want[i]) > ptol)
                     FAIL((inverse ? "inverse" : "forward") << " plan with signs, output " << i << ": " << z[i] << " != " << want[i]);

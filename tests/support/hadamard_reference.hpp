@@ -59,32 +59,30 @@ struct dense_hadamard {
         for (std::size_t i = 0; i < n; ++i) y[i] = output(x, i, inverse);
         return y;
     }
-};
 
-/// Every output of the power-of-two transform y = H_n diag(s) x / d (forward) or diag(s) H_n x / d
-/// (inverse), n = 2^k, in double, still from the entry formula: with n = a b (a = 2^(k/2)) and
-/// i = i_hi b + i_lo, (-1)^popcount(i & j) = (-1)^popcount(i_hi & j_hi) (-1)^popcount(i_lo & j_lo),
-/// so y is H_a X H_b for x read as the a x b matrix X: O(n (a + b)) instead of O(n^2), which checks
-/// every output of n = 2^16 in a test. `signs`: empty or n entries of +-1.
-template <class T>
-[[nodiscard]] std::vector<double> pow2_transform(std::span<const T> x, std::span<const double> signs, double divisor,
-                                                 bool inverse)
-{
-    const std::size_t n = x.size();
-    const std::size_t a = std::size_t{1} << (std::countr_zero(n) / 2), b = n / a;
-    std::vector<double> in(n), half(n, 0.0), y(n, 0.0);
-    for (std::size_t j = 0; j < n; ++j) in[j] = static_cast<double>(x[j]) * (!inverse && !signs.empty() ? signs[j] : 1.0);
-    for (std::size_t r = 0; r < a; ++r)  // half = X H_b
-        for (std::size_t i = 0; i < b; ++i)
-            for (std::size_t j = 0; j < b; ++j) half[r * b + i] += sylvester_entry(i, j) * in[r * b + j];
-    for (std::size_t i = 0; i < a; ++i)  // y = H_a half
-        for (std::size_t j = 0; j < a; ++j) {
-            const int h = sylvester_entry(i, j);
-            for (std::size_t c = 0; c < b; ++c) y[i * b + c] += h * half[j * b + c];
-        }
-    for (std::size_t i = 0; i < n; ++i) y[i] = y[i] * (inverse && !signs.empty() ? signs[i] : 1.0) / divisor;
-    return y;
-}
+    /// The same for K = 1 (n = 2^k), every output at once from the entry formula factorised: with
+    /// n = a b (a = 2^(k/2)) and i = i_hi b + i_lo, (-1)^popcount(i & j) = (-1)^popcount(i_hi & j_hi)
+    /// (-1)^popcount(i_lo & j_lo), so H_n x is H_a X H_b for x read as the a x b matrix X:
+    /// O(n (a + b)) instead of O(n^2), which checks every output of n = 2^16 in a test.
+    template <class T>
+    [[nodiscard]] std::vector<double> apply_pow2(std::span<const T> x, bool inverse) const
+    {
+        const std::size_t a = std::size_t{1} << (std::countr_zero(n) / 2), b = n / a;
+        const auto sign = [&](std::size_t i) { return signs.empty() ? 1.0 : signs[i]; };
+        std::vector<double> in(n), half(n, 0.0), y(n, 0.0);
+        for (std::size_t j = 0; j < n; ++j) in[j] = static_cast<double>(x[j]) * (inverse ? 1.0 : sign(j));
+        for (std::size_t r = 0; r < a; ++r)  // half = X H_b
+            for (std::size_t i = 0; i < b; ++i)
+                for (std::size_t j = 0; j < b; ++j) half[r * b + i] += sylvester_entry(i, j) * in[r * b + j];
+        for (std::size_t i = 0; i < a; ++i)  // y = H_a half
+            for (std::size_t j = 0; j < a; ++j) {
+                const int h = sylvester_entry(i, j);
+                for (std::size_t c = 0; c < b; ++c) y[i * b + c] += h * half[j * b + c];
+            }
+        for (std::size_t i = 0; i < n; ++i) y[i] = y[i] * (inverse ? sign(i) : 1.0) / divisor;
+        return y;
+    }
+};
 
 /// Deterministic test data: uniform in [-1, 1) from a seeded engine (the engine's output is
 /// specified by the standard; the conversion below is ours, so data is identical everywhere).

@@ -634,7 +634,8 @@ void fwht_split_passes(T* x, std::size_t n, const fwht_multiplier<T>& in, const 
     constexpr auto& plan = fwht_span_plan<T, Arch>;
     constexpr std::size_t span = std::size_t{1} << plan.span_bits;
     for (std::size_t s = 0; s < n; s += span) {
-        fwht_passes<T, Arch, In, fwht_scale::none>(x + s, span, plan, 0, in.advanced(s), {}, ahead.advanced(s));
+        fwht_leaf_pass<T, Arch, fwht_leaf_registers<Arch>, In, fwht_scale::none>(x + s, span, in.advanced(s), {},
+                                                                                  ahead.advanced(s));
         fwht_span_passes<T, Arch>(x + s, std::make_index_sequence<plan.count>{});
     }
     using low = std::integral_constant<std::size_t, std::size_t{1} << fwht_leaf_bits<T, Arch>>;
