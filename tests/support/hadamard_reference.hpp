@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <span>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
@@ -67,6 +68,8 @@ struct dense_hadamard {
     template <class T>
     [[nodiscard]] std::vector<double> apply_pow2(std::span<const T> x, bool inverse) const
     {
+        if (k != 1 || !std::has_single_bit(n) || x.size() != n)
+            throw std::logic_error("dense_hadamard::apply_pow2 needs K = 1, n a power of two and n inputs");
         const std::size_t a = std::size_t{1} << (std::countr_zero(n) / 2), b = n / a;
         const auto sign = [&](std::size_t i) { return signs.empty() ? 1.0 : signs[i]; };
         std::vector<double> in(n), half(n, 0.0), y(n, 0.0);
