@@ -521,6 +521,24 @@ TEST_CASE("explicit signs give x -> H diag(s) x / d, and matrix() is that operat
     CHECK(hadamard_matrix<double>(n) == hadamard_plan<double>(n).matrix());
 }
 
+TEST_CASE("matrix() of a size whose n^2 elements no vector holds is refused, not wrapped around", "[hadamard]")
+{
+    // 2^32 is a supported transform length (K = 1) and the plan costs nothing to build, but its
+    // 2^64 dense elements wrap n * n to 0 in size_t.
+    const std::size_t n = std::size_t{1} << (sizeof(std::size_t) >= 8 ? 32 : 16);
+    REQUIRE(spinquant::has_hadamard(n));
+    const hadamard_plan<float> plan(n);
+    try {
+        (void)plan.matrix();
+        FAIL("no error");
+    } catch (const spinquant::error& e) {
+        CHECK(e.code() == errc::unsupported_size);
+        CHECK(contains(e.what(), "hadamard_plan::matrix"));
+        CHECK(contains(e.what(), "n = " + std::to_string(n)));
+    }
+    CHECK_THROWS_AS(hadamard_matrix<double>(n), spinquant::error);
+}
+
 TEST_CASE("the reference normaliser divides by float32(sqrt(n)), the exact one by sqrt(n)", "[hadamard]")
 {
     hadamard_options ref;

@@ -329,10 +329,16 @@ public:
     }
 
     /// The dense n x n matrix M with apply(x) == M x, row-major: M[i][j] = H_K[i/m][j/m] *
-    /// H_m[i%m][j%m] * s_j / d. Entries are exactly +-scale(). Allocates n^2 elements.
+    /// H_m[i%m][j%m] * s_j / d. Entries are exactly +-scale(). Allocates n^2 elements; throws
+    /// errc::unsupported_size where n^2 exceeds std::vector's max_size() (n above about 2^30 on
+    /// 64-bit targets, 2^14 on 32-bit ones) instead of letting n * n wrap around.
     /// Its transpose is the reference's hadamard_matrix / random_hadamard_matrix.
     [[nodiscard]] std::vector<value_type> matrix() const
     {
+        if (n_ > std::vector<value_type>().max_size() / n_)
+            detail::fail(errc::unsupported_size, "hadamard_plan::matrix",
+                         "the dense matrix of n = " + std::to_string(n_) + " has n^2 elements, more than a "
+                         "std::vector holds on this target; apply the plan instead");
         std::vector<value_type> out(n_ * n_);
         for (std::size_t i = 0; i < n_; ++i)
             for (std::size_t j = 0; j < n_; ++j) {
