@@ -59,7 +59,8 @@
 /// back to a scalar O(K^2) column product unless the caller passes a workspace of
 /// workspace_size() elements. Rows whose power-of-two part is shorter than a register (n = K m,
 /// m < L) need a tile of L n / m elements besides: K up to about 470 with AVX-512 floats and m = 1
-/// (the R4 size 172 = K has room to spare).
+/// (the R4 size 172 = K has room to spare). Define it the same in every translation unit of a
+/// program: it changes inline functions.
 #ifndef SPINQUANT_HADAMARD_STACK_BYTES
 #define SPINQUANT_HADAMARD_STACK_BYTES 65536
 #endif
@@ -190,7 +191,13 @@ void fwht(V&& x)
 /// slower at n = 8192, BENCHMARKS.md).
 ///
 /// `Arch` is the xsimd instruction set of the kernels (the best the compiler flags enable by
-/// default); name another one to build per-ISA plans for runtime dispatch.
+/// default); name another one to build per-ISA plans for runtime dispatch. As with any xsimd
+/// dispatch, each Arch must be instantiated in a translation unit compiled with flags that enable
+/// it (xsimd rejects the others at compile time). Caveat of header-only SIMD code: the plan's
+/// helpers that are not templates on Arch (building H_K and its tables) are inline functions, and
+/// the linker keeps one of their copies, possibly one compiled with the widest flags; a program
+/// that must also run on CPUs without that ISA should keep such translation units in a separate
+/// shared library, or check the instructions of the copy its linker kept.
 ///
 /// **Example**
 /// @code
