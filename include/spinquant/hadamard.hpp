@@ -67,9 +67,10 @@
 
 namespace spinquant {
 
-/// The divisor d of the transform.
+/// The divisor d of the transform. Either way the kernels multiply by 1/d rounded once to T where
+/// the reference divides by d: a difference of rounding only.
 enum class hadamard_normaliser {
-    exact,      ///< d = sqrt(n), rounded once to T: the orthonormal transform
+    exact,      ///< d = sqrt(n): the orthonormal transform
     reference,  ///< d = float32(sqrt(n)), as SpinQuant's torch.tensor(n).sqrt() computes it, even
                 ///< for double data (so the transform is orthogonal only to float precision)
 };
@@ -79,8 +80,8 @@ enum class hadamard_source {
     cheapest,   ///< the smallest K with a known Hadamard matrix of order K (least work); for K among
                 ///< the reference's 12 orders this is the reference's matrix
     reference,  ///< SpinQuant's get_hadK: its order for n (e.g. 40 for n = 160, not 20) and its
-                ///< matrices, so results match the reference up to floating-point summation order;
-                ///< only the sizes the reference supports
+                ///< matrices, so results match the reference up to floating-point rounding (summation
+                ///< order, 1/d as a product); only the sizes the reference supports
 };
 
 /// Options of a hadamard_plan / hadamard_matrix.
