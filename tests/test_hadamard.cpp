@@ -523,8 +523,8 @@ TEST_CASE("explicit signs give x -> H diag(s) x / d, and matrix() is that operat
 
 TEST_CASE("matrix() of a size whose n^2 elements no vector holds is refused, not wrapped around", "[hadamard]")
 {
-    // 2^32 is a supported transform length (K = 1) and the plan costs nothing to build, but its
-    // 2^64 dense elements wrap n * n to 0 in size_t.
+    // A supported transform length (K = 1) whose plan costs nothing to build, but n * n wraps to 0
+    // in size_t: 2^32 on 64-bit targets, 2^16 on 32-bit ones.
     const std::size_t n = std::size_t{1} << (sizeof(std::size_t) >= 8 ? 32 : 16);
     REQUIRE(spinquant::has_hadamard(n));
     const hadamard_plan<float> plan(n);
