@@ -330,7 +330,7 @@ inline void fwht_store_registers(const std::array<xsimd::batch<T, Arch>, R>& v, 
 /// A stretch of memory, `size` elements from `data`, for prefetching: the caller passes the memory
 /// from x onwards that it is about to transform (x itself, then e.g. the next rows of a matrix).
 /// The leaf pass, which streams from memory, prefetches fwht_prefetch_bytes ahead of the element
-/// it works on into L1; the K x K mix, which does not stream, prefetches the data after x into L2.
+/// it works on; the K x K mix, which does not stream, prefetches the data after x. Both into L2.
 template <class T>
 struct fwht_window {
     const T* data = nullptr;
@@ -347,17 +347,9 @@ struct fwht_window {
 /// How far ahead of the data in use the leaf pass prefetches: a few microseconds of work.
 inline constexpr std::size_t fwht_prefetch_bytes = std::size_t{1} << 13;
 
-/// Asks for the cache line holding *p into L1 (no effect where unsupported; never faults).
-SPINQUANT_FWHT_INLINE void fwht_prefetch(const void* p) noexcept
-{
-#if defined(__GNUC__)
-    __builtin_prefetch(p);
-#else
-    (void)p;
-#endif
-}
-
 /// Asks for the cache line holding *p into L2 (no effect where unsupported; never faults).
+/// Into L2, not L1: on Zen 4 (32 KiB L1) the leaf pass prefetching into L1 reached 0.32-0.58 of the
+/// stream's rate from memory where into L2 it reached 0.51-0.87 (BENCHMARKS.md).
 SPINQUANT_FWHT_INLINE void fwht_prefetch_l2(const void* p) noexcept
 {
 #if defined(__GNUC__)
@@ -377,7 +369,7 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multi
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     constexpr std::size_t line = 64 / sizeof(T);
     for (std::size_t i = 0; i < n; i += R * lanes) {
-        for (std::size_t p = i; p < i + R * lanes && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
+        for (std::size_t p = i; p < i + R * lanes && p < ahead.size; p += line) fwht_prefetch_l2(ahead.data + p);
         std::array<xsimd::batch<T, Arch>, R> v;
         fwht_load_registers<In, T, Arch>(v, x, in, i, lanes, 2 * lanes, std::make_index_sequence<R>{});
         fwht_registers_transform<T, Arch, R>(v);
@@ -418,7 +410,7 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, c
     constexpr std::size_t half = R * lanes;
     constexpr std::size_t line = 64 / sizeof(T);
     fwht_leaf_pass<T, Arch, R, In, fwht_scale::none>(x, half, in, {}, ahead);
-    for (std::size_t p = half; p < 2 * half && p < ahead.size; p += line) fwht_prefetch(ahead.data + p);
+    for (std::size_t p = half; p < 2 * half && p < ahead.size; p += line) fwht_prefetch_l2(ahead.data + p);
     std::array<batch, R> v;
     fwht_load_registers<In, T, Arch>(v, x, in, half, lanes, 2 * lanes, seq);
     fwht_registers_transform<T, Arch, R>(v);
