@@ -123,32 +123,60 @@ struct fwht_multiplier {
 // ---------------------------------------------------------------------------------------------
 // Butterflies between registers
 
-/// (v[J], v[J + H]) -> (v[J] + v[J + H], v[J] - v[J + H]).
+/// Whether the strided passes compute a - b as the multiply-add b * (-1) + a. Where additions and
+/// multiply-adds issue to separate pipes (Zen 4 and Zen 5), a butterfly then uses both instead of
+/// queueing its two operations on the adders: a radix-16 pass inside L1 took 3.3 instead of 4.0
+/// cycles per register on Zen 4 (BENCHMARKS.md). The product by -1 is exact, so the result is that
+/// of the subtraction, bit for bit. Not in the leaf pass, whose lane stages already fill the
+/// multiply-add pipes. Only where the multiply-add is one instruction and the constant can be
+/// hidden from the compiler (GCC folds b * -1 + a back into a - b).
+template <class Arch>
+inline constexpr bool fwht_fused_subtract =
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    std::is_base_of_v<xsimd::avx512f, Arch> || std::is_base_of_v<xsimd::fma3<xsimd::avx2>, Arch>;
+#else
+    false;
+#endif
+
+/// (v[J], v[J + H]) -> (v[J] + v[J + H], v[J] - v[J + H]); with a multiply-add for the difference
+/// when minus_one (-1 in every lane) is given.
 template <std::size_t J, std::size_t H, class B, std::size_t R>
-inline void fwht_butterfly(std::array<B, R>& v) noexcept
+inline void fwht_butterfly(std::array<B, R>& v, const B* minus_one) noexcept
 {
     const B a = v[J];
     const B b = v[J + H];
     v[J] = a + b;
-    v[J + H] = a - b;
+    v[J + H] = minus_one != nullptr ? xsimd::fma(b, *minus_one, a) : a - b;
 }
 
 /// One radix-2 stage at register distance H over v[0..R): every pair (j, j + H) in each block
 /// of 2H. Fold expressions (not loops, not lambdas) so that everything is unrolled and inlined.
 template <std::size_t H, class B, std::size_t R, std::size_t... I>
-inline void fwht_register_stage(std::array<B, R>& v, std::index_sequence<I...>) noexcept
+inline void fwht_register_stage(std::array<B, R>& v, const B* minus_one, std::index_sequence<I...>) noexcept
 {
-    (fwht_butterfly<(I / H) * 2 * H + I % H, H>(v), ...);
+    (fwht_butterfly<(I / H) * 2 * H + I % H, H>(v, minus_one), ...);
 }
 
 /// Stages at register distances First, 2 First, ..., R/2 (all of them when First = 1).
+/// minus_one: see fwht_butterfly.
 template <std::size_t First, std::size_t R, class B>
-inline void fwht_register_network(std::array<B, R>& v) noexcept
+inline void fwht_register_network(std::array<B, R>& v, const B* minus_one = nullptr) noexcept
 {
     if constexpr (First < R) {
-        fwht_register_stage<First>(v, std::make_index_sequence<R / 2>{});
-        fwht_register_network<2 * First, R>(v);
+        fwht_register_stage<First>(v, minus_one, std::make_index_sequence<R / 2>{});
+        fwht_register_network<2 * First, R>(v, minus_one);
     }
+}
+
+/// -1 in every lane, a value the compiler cannot see (fwht_fused_subtract).
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> fwht_opaque_minus_one() noexcept
+{
+    xsimd::batch<T, Arch> m(T(-1));
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    if constexpr (fwht_fused_subtract<Arch>) __asm__("" : "+v"(m.data));
+#endif
+    return m;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -387,13 +415,16 @@ template <class T, class Arch, std::size_t R, fwht_scale Out, class Low = std::s
 SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, Low low, High high,
                                               const fwht_multiplier<T>& out) noexcept
 {
-    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    using batch = xsimd::batch<T, Arch>;
+    constexpr std::size_t lanes = batch::size;
+    const batch minus_one = fwht_opaque_minus_one<T, Arch>();
+    const batch* const fused = fwht_fused_subtract<Arch> ? &minus_one : nullptr;
     for (std::size_t block = 0; block < n; block += R / 2 * high)
         for (std::size_t part = block; part < block + high; part += 2 * low)
             for (std::size_t j = part; j < part + low; j += lanes) {
-                std::array<xsimd::batch<T, Arch>, R> v;
+                std::array<batch, R> v;
                 fwht_load_registers<fwht_scale::none, T, Arch>(v, x, {}, j, low, high, std::make_index_sequence<R>{});
-                fwht_register_network<1, R>(v);
+                fwht_register_network<1, R>(v, fused);
                 fwht_store_registers<Out, T, Arch>(v, x, out, j, low, high, std::make_index_sequence<R>{});
             }
 }
