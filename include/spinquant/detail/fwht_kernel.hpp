@@ -18,6 +18,8 @@
 // - Where that would take two passes over L2 (65536 floats with AVX-512), a split plan finishes
 //   every 32 KiB span in L1 but for the lowest bit above the leaf, which one last pass takes
 //   together with the bits above the span: one pass over L2 (fwht_plan_passes).
+// - The leaf pass prefetches into L2 ahead of the data (fwht_prefetch_l2); the strided passes
+//   subtract with multiply-adds where that adds pipes (fwht_fused_subtract).
 // - Scaling (1/sqrt(n)) and random signs ride along in the first pass; a per-element
 //   multiplier needed after the transform rides along in the last one.
 // Every function here depends on Arch, so one program can hold several instantiations (ODR).
@@ -96,8 +98,8 @@ template <class Arch>
 inline constexpr unsigned fwht_max_radix_log2 = fwht_registers<Arch> == 32 ? 4 : 3;
 
 /// Transforms up to this many bytes are finished in one piece, pass after pass; larger ones recurse.
-/// A third of a 48 KiB L1 data cache (half of a 32 KiB one): the rest holds the lines the leaf pass
-/// prefetches (fwht_prefetch_bytes ahead). Smaller pieces also keep memory busy: the leaf pass is
+/// A third of a 48 KiB L1 data cache, half of a 32 KiB one (8 KiB pieces measured the same on
+/// Zen 4's 32 KiB L1). Smaller pieces also keep memory busy: the leaf pass is
 /// the only one that streams from memory, and a row's strided passes run between its pieces while
 /// their prefetches arrive. With 32 KiB, a 32 KiB row ran both its strided passes after the whole
 /// leaf pass, and from memory reached 0.81-0.84 of the stream's rate instead of 0.90-0.92.
@@ -376,8 +378,8 @@ struct fwht_window {
 inline constexpr std::size_t fwht_prefetch_bytes = std::size_t{1} << 13;
 
 /// Asks for the cache line holding *p into L2 (no effect where unsupported; never faults).
-/// Into L2, not L1: on Zen 4 (32 KiB L1) the leaf pass prefetching into L1 reached 0.32-0.58 of the
-/// stream's rate from memory where into L2 it reached 0.51-0.87 (BENCHMARKS.md).
+/// Into L2, not L1: on Zen 4 (32 KiB L1) the transform with the leaf pass prefetching into L1
+/// reached 0.32-0.70 of the stream's rate from memory, into L2 0.46-0.87 (BENCHMARKS.md).
 SPINQUANT_FWHT_INLINE void fwht_prefetch_l2(const void* p) noexcept
 {
 #if defined(__GNUC__)
@@ -547,7 +549,8 @@ template <class T, class Arch>
 }
 
 /// Spans that split plans finish in L1 before their last pass: two thirds of a 48 KiB L1 data
-/// cache, the rest for the lines the leaf pass prefetches.
+/// cache, all of a 32 KiB one (on Zen 4 the contiguous plan, which 16 KiB spans would leave,
+/// still took 10% longer in cache).
 inline constexpr std::size_t fwht_span_bytes = std::size_t{1} << 15;
 
 /// The strided passes a split plan runs inside each span: index bits leaf + 1 .. span - 1 (bit
