@@ -168,12 +168,11 @@ std::vector<std::size_t> row_counts(int more)
     return counts;
 }
 
-/// Short rows (the power-of-two part m below a register: the tile kernel) in every layout:
-/// packed, padded and misaligned, column-major, and with a column stride; forward and inverse,
-/// with and without signs. Fewer and shorter matrices for the larger sizes and the other layouts
-/// (the reference is O(n^2) per row).
+/// apply_rows / apply_inverse_rows in every layout: packed, padded and misaligned, column-major,
+/// and with a column stride; forward and inverse, with and without signs. Fewer and shorter
+/// matrices for the larger sizes and the other layouts (the reference is O(n^2) per row).
 template <class T, class Arch>
-void check_short_rows(std::size_t n, std::uint64_t seed, bool long_matrices = true)
+void check_rows_every_layout(std::size_t n, std::uint64_t seed, bool long_matrices = true)
 {
     for (const bool signs : {false, true}) {
         hadamard_options o;
@@ -631,6 +630,16 @@ TEMPLATE_TEST_CASE("apply_rows transforms every row of padded, column-major and 
             REQUIRE_THAT(static_cast<double>(back[c * rows + r]), Catch::Matchers::WithinAbs(static_cast<double>(inverse[r][c]), tol));
 }
 
+TEMPLATE_TEST_CASE("apply_rows on power-of-two rows (one kernel call for all the rows) matches the dense reference in "
+                   "every layout",
+                   "[hadamard][rows]", float, double)
+{
+    // From one register to a leaf pair and past it (K = 1, n >= L: the kernel's own row loop for
+    // row-major views, with the multipliers chosen once; the strided path for the others).
+    const std::size_t n = GENERATE(as<std::size_t>{}, 16, 32, 64, 256, 512, 1024);
+    check_rows_every_layout<TestType, xsimd::default_arch>(n, 7 * n);
+}
+
 TEMPLATE_TEST_CASE("apply_rows on short rows (m below a register) matches the dense reference in every layout",
                    "[hadamard][rows]", float, double)
 {
@@ -638,7 +647,7 @@ TEMPLATE_TEST_CASE("apply_rows on short rows (m below a register) matches the de
     // kernel elsewhere), the R4 sizes 172 m, and K = 1 rows shorter than a register.
     const std::size_t n = GENERATE(as<std::size_t>{}, 1, 2, 4, 8, 12, 24, 48, 96, 20, 40, 80, 160, 28, 56, 112, 224,
                                    156, 172, 344, 688);
-    check_short_rows<TestType, xsimd::default_arch>(n, n);
+    check_rows_every_layout<TestType, xsimd::default_arch>(n, n);
 }
 
 TEMPLATE_TEST_CASE("short rows: apply is apply_rows on one row, the workspace overloads agree, and the inverse undoes",
@@ -1023,7 +1032,7 @@ void check_arch()
     // Short rows, m below the register (the tile kernel), with row counts around its widths.
     for (const std::size_t n : {std::size_t{2}, std::size_t{12}, std::size_t{24}, std::size_t{56}, std::size_t{172},
                                 std::size_t{344}})
-        if (n / hadamard_plan<T, Arch>(n).order() < lanes || n == 172) check_short_rows<T, Arch>(n, n + lanes, false);
+        if (n / hadamard_plan<T, Arch>(n).order() < lanes || n == 172) check_rows_every_layout<T, Arch>(n, n + lanes, false);
 }
 
 template <class... A>

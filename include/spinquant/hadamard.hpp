@@ -24,6 +24,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <xsimd/xsimd.hpp>
@@ -462,6 +463,12 @@ private:
         if (run_tile(a.data, a.rows, a.row_stride, a.col_stride, inverse, work)) return;
         if (a.has_contiguous_rows()) {
             const std::size_t extent = (a.rows - 1) * a.row_stride + n_;  // the view's memory, row 0 to the end
+            if (k_ == 1) {  // the kernel's row loop: the multipliers are chosen once
+                const auto [in, out] = pow2_multipliers(inverse);
+                detail::fwht_pow2_rows<value_type, Arch>(a.data, n_, a.rows, a.row_stride, in, out,
+                                                         {a.data, extent});
+                return;
+            }
             for (std::size_t r = 0; r < a.rows; ++r) {
                 const std::size_t offset = r * a.row_stride;
                 run(a.row(r), inverse, work, detail::fwht_window<value_type>{a.data, extent}.advanced(offset));
@@ -506,6 +513,19 @@ private:
         return most;
     }
 
+    // K = 1: the multipliers (in, out) of the power-of-two transform. Forward: the signs (and the
+    // scale) on the way in; inverse: the scaled signs on the way out, or without signs the scale in.
+    std::pair<detail::fwht_multiplier<value_type>, detail::fwht_multiplier<value_type>>
+    pow2_multipliers(bool inverse) const noexcept
+    {
+        using detail::fwht_scale;
+        using multiplier = detail::fwht_multiplier<value_type>;
+        const multiplier scalar{fwht_scale::scalar, scale_, nullptr};
+        if (signs_.empty()) return {scalar, {}};
+        const multiplier scaled_signs{fwht_scale::vector, value_type(1), scaled_signs_.data()};
+        return inverse ? std::pair{multiplier{}, scaled_signs} : std::pair{scaled_signs, multiplier{}};
+    }
+
     // The contiguous core: x (n elements) <- M x or M^T x. `region`: the memory from x on that the
     // caller transforms now and next, for prefetching (see detail::fwht_window).
     void run(std::span<value_type> x, bool inverse, std::span<value_type> work,
@@ -517,13 +537,8 @@ private:
         const multiplier scalar{fwht_scale::scalar, scale_, nullptr};
         const multiplier scaled_signs{fwht_scale::vector, value_type(1), scaled_signs_.data()};
         if (k_ == 1) {
-            // Forward: signs (and scale) on the way in; inverse: signs on the way out.
-            if (!inverse)
-                detail::fwht_pow2_scaled<value_type, Arch>(x, has_signs ? scaled_signs : scalar, {}, region);
-            else if (has_signs)
-                detail::fwht_pow2_scaled<value_type, Arch>(x, {}, scaled_signs, region);
-            else
-                detail::fwht_pow2_scaled<value_type, Arch>(x, scalar, {}, region);
+            const auto [in, out] = pow2_multipliers(inverse);
+            detail::fwht_pow2_scaled<value_type, Arch>(x, in, out, region);
             return;
         }
         // m = 1 (n = K): the sign tables in scalars. Other short rows: the tile kernel with one row.
