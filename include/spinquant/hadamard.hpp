@@ -488,8 +488,7 @@ private:
         using multiplier = detail::fwht_multiplier<value_type>;
         // Forward: the scaled signs (or the scale) on the way in; inverse: the scaled signs on the way out.
         const multiplier signs{fwht_scale::vector, value_type(1), tile_signs_.data()};
-        const multiplier in = signs_.empty() ? multiplier{fwht_scale::scalar, scale_, nullptr}
-                                             : (inverse ? multiplier{} : signs);
+        const multiplier in = signs_.empty() ? scale_multiplier() : (inverse ? multiplier{} : signs);
         const multiplier out = !signs_.empty() && inverse ? signs : multiplier{};
         if (k_ == 1) {
             // n < L: a small tile, and no mix.
@@ -513,17 +512,25 @@ private:
         return most;
     }
 
+    // The normalising scale, and the signs times the scale, as kernel multipliers.
+    detail::fwht_multiplier<value_type> scale_multiplier() const noexcept
+    {
+        return {detail::fwht_scale::scalar, scale_, nullptr};
+    }
+    detail::fwht_multiplier<value_type> scaled_signs_multiplier() const noexcept
+    {
+        return {detail::fwht_scale::vector, value_type(1), scaled_signs_.data()};
+    }
+
     // K = 1: the multipliers (in, out) of the power-of-two transform. Forward: the signs (and the
     // scale) on the way in; inverse: the scaled signs on the way out, or without signs the scale in.
     std::pair<detail::fwht_multiplier<value_type>, detail::fwht_multiplier<value_type>>
     pow2_multipliers(bool inverse) const noexcept
     {
-        using detail::fwht_scale;
         using multiplier = detail::fwht_multiplier<value_type>;
-        const multiplier scalar{fwht_scale::scalar, scale_, nullptr};
-        if (signs_.empty()) return {scalar, {}};
-        const multiplier scaled_signs{fwht_scale::vector, value_type(1), scaled_signs_.data()};
-        return inverse ? std::pair{multiplier{}, scaled_signs} : std::pair{scaled_signs, multiplier{}};
+        if (signs_.empty()) return {scale_multiplier(), {}};
+        return inverse ? std::pair{multiplier{}, scaled_signs_multiplier()}
+                       : std::pair{scaled_signs_multiplier(), multiplier{}};
     }
 
     // The contiguous core: x (n elements) <- M x or M^T x. `region`: the memory from x on that the
@@ -534,8 +541,8 @@ private:
         using detail::fwht_scale;
         using multiplier = detail::fwht_multiplier<value_type>;
         const bool has_signs = !signs_.empty();
-        const multiplier scalar{fwht_scale::scalar, scale_, nullptr};
-        const multiplier scaled_signs{fwht_scale::vector, value_type(1), scaled_signs_.data()};
+        const multiplier scalar = scale_multiplier();
+        const multiplier scaled_signs = scaled_signs_multiplier();
         if (k_ == 1) {
             const auto [in, out] = pow2_multipliers(inverse);
             detail::fwht_pow2_scaled<value_type, Arch>(x, in, out, region);
@@ -578,8 +585,7 @@ private:
         for (std::size_t r = 0; r < k_; ++r) detail::fwht_pow2_strided(x + r * m_ * step, m_, step);
         using detail::fwht_scale;
         const detail::fwht_multiplier<value_type> out =
-            inverse && has_signs ? detail::fwht_multiplier<value_type>{fwht_scale::vector, value_type(1), scaled_signs_.data()}
-                                 : detail::fwht_multiplier<value_type>{fwht_scale::scalar, scale_, nullptr};
+            inverse && has_signs ? scaled_signs_multiplier() : scale_multiplier();
         if (k_ > 1) {
             detail::hadamard_mix_columns<value_type>(x, m_, step, hk_, k_, inverse, work, out);
         } else {

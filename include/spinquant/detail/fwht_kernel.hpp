@@ -132,9 +132,14 @@ struct fwht_multiplier {
 /// of the subtraction, bit for bit. Not in the leaf pass, whose lane stages already fill the
 /// multiply-add pipes. Only where the multiply-add is one instruction and the constant can be
 /// hidden from the compiler (GCC folds b * -1 + a back into a - b).
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define SPINQUANT_FWHT_GNU_X86 1  // GNU inline assembly with x86 vector-register constraints
+#else
+#define SPINQUANT_FWHT_GNU_X86 0
+#endif
 template <class Arch>
 inline constexpr bool fwht_fused_subtract =
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#if SPINQUANT_FWHT_GNU_X86
     std::is_base_of_v<xsimd::avx512f, Arch> || std::is_base_of_v<xsimd::fma3<xsimd::avx2>, Arch>;
 #else
     false;
@@ -175,7 +180,7 @@ template <class T, class Arch>
 inline xsimd::batch<T, Arch> fwht_opaque_minus_one() noexcept
 {
     xsimd::batch<T, Arch> m(T(-1));
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#if SPINQUANT_FWHT_GNU_X86
     if constexpr (fwht_fused_subtract<Arch>) __asm__("" : "+v"(m.data));
 #endif
     return m;
