@@ -20,8 +20,9 @@
 //   together with the bits above the span: one pass over L2 (fwht_plan_passes).
 // - The leaf pass prefetches into L2 ahead of the data (fwht_prefetch_l2); the strided passes
 //   subtract with multiply-adds where that adds pipes (fwht_fused_subtract).
-// - Scaling (1/sqrt(n)) and random signs ride along in the first pass; a per-element
-//   multiplier needed after the transform rides along in the last one.
+// - Random signs ride along in the first pass, the scale (1/sqrt(n)) in the last stage (in the
+//   first pass for rows of one leaf); a per-element multiplier needed after the transform rides
+//   along in the last pass.
 // Every function here depends on Arch, so one program can hold several instantiations (ODR).
 #include <array>
 #include <bit>
@@ -129,9 +130,12 @@ struct fwht_multiplier {
 /// multiply-adds issue to separate pipes (Zen 4 and Zen 5), a butterfly then uses both instead of
 /// queueing its two operations on the adders: a radix-16 pass inside L1 took 3.3 instead of 4.0
 /// cycles per register on Zen 4 (BENCHMARKS.md). The product by -1 is exact, so the result is that
-/// of the subtraction, bit for bit. Not in the leaf pass, whose lane stages already fill the
-/// multiply-add pipes. Only where the multiply-add is one instruction and the constant can be
-/// hidden from the compiler (GCC folds b * -1 + a back into a - b).
+/// of the subtraction, bit for bit. Only in the upper half of a pass's stages (fwht_fuses_stage):
+/// on Zen 4 a 512-bit store takes about as long on the multiply-add pipes as two multiply-adds,
+/// so a pass that also subtracts there in every stage loads them more than the adders. Not in the
+/// leaf pass, whose lane stages already fill the multiply-add pipes. Only where the multiply-add is
+/// one instruction and the constant can be hidden from the compiler (GCC folds b * -1 + a back
+/// into a - b).
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define SPINQUANT_FWHT_GNU_X86 1  // GNU inline assembly with x86 vector-register constraints
 #else
@@ -144,6 +148,12 @@ inline constexpr bool fwht_fused_subtract =
 #else
     false;
 #endif
+
+/// Whether a pass of R registers subtracts with multiply-adds (when it may) in its stage at register
+/// distance H: the upper half of its stages (radix 16: 2 of 4, radix 8: 2 of 3). Against every
+/// stage: 2048 floats 6% faster in cache on Zen 4, 8192 5%, 65536 2%.
+template <std::size_t H, std::size_t R>
+inline constexpr bool fwht_fuses_stage = 4 * H >= R;
 
 /// (v[J], v[J + H]) -> (v[J] + v[J + H], v[J] - v[J + H]); with a multiply-add for the difference
 /// when minus_one (-1 in every lane) is given.
@@ -164,14 +174,37 @@ inline void fwht_register_stage(std::array<B, R>& v, const B* minus_one, std::in
     (fwht_butterfly<(I / H) * 2 * H + I % H, H>(v, minus_one), ...);
 }
 
+/// (v[J], v[J + H]) -> (c (v[J] + v[J + H]), c (v[J] - v[J + H])) as a = c v[J], then b c + a and
+/// a - b c: three multiplications for the pair where two additions and two products take four.
+template <std::size_t J, std::size_t H, class B, std::size_t R>
+inline void fwht_butterfly_scaled(std::array<B, R>& v, const B& c) noexcept
+{
+    const B a = v[J] * c;
+    const B b = v[J + H];
+    v[J] = xsimd::fma(b, c, a);
+    v[J + H] = xsimd::fnma(b, c, a);
+}
+
+template <std::size_t H, class B, std::size_t R, std::size_t... I>
+inline void fwht_register_stage_scaled(std::array<B, R>& v, const B& c, std::index_sequence<I...>) noexcept
+{
+    (fwht_butterfly_scaled<(I / H) * 2 * H + I % H, H>(v, c), ...);
+}
+
 /// Stages at register distances First, 2 First, ..., R/2 (all of them when First = 1).
-/// minus_one: see fwht_butterfly.
+/// minus_one: see fwht_butterfly and fwht_fuses_stage. scale, when given, multiplies the results:
+/// the last stage runs fwht_butterfly_scaled.
 template <std::size_t First, std::size_t R, class B>
-inline void fwht_register_network(std::array<B, R>& v, const B* minus_one = nullptr) noexcept
+inline void fwht_register_network(std::array<B, R>& v, const B* minus_one = nullptr, const B* scale = nullptr) noexcept
 {
     if constexpr (First < R) {
-        fwht_register_stage<First>(v, minus_one, std::make_index_sequence<R / 2>{});
-        fwht_register_network<2 * First, R>(v, minus_one);
+        if (2 * First == R && scale != nullptr) {
+            fwht_register_stage_scaled<First>(v, *scale, std::make_index_sequence<R / 2>{});
+            return;
+        }
+        fwht_register_stage<First>(v, fwht_fuses_stage<First, R> ? minus_one : nullptr,
+                                   std::make_index_sequence<R / 2>{});
+        fwht_register_network<2 * First, R>(v, minus_one, scale);
     }
 }
 
@@ -415,7 +448,8 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multi
 /// One radix-R pass over x[0..n): butterflies index bit log2(low) and the log2(R) - 1 bits from
 /// log2(high) on, between registers loaded fwht_register_offset(t, low, high) elements apart.
 /// low is a multiple of L, high of 2 low, n of R/2 high. With high = 2 low: the log2(R)
-/// consecutive bits from log2(low), registers `low` apart (the usual strided pass). Low and High:
+/// consecutive bits from log2(low), registers `low` apart (the usual strided pass). A scalar `out`
+/// rides in the last stage (fwht_butterfly_scaled), a vector one in the stores. Low and High:
 /// std::size_t, or std::integral_constant where the strides are known at compile time (they then
 /// become addressing displacements instead of 16 offsets competing for the integer registers).
 template <class T, class Arch, std::size_t R, fwht_scale Out, class Low = std::size_t, class High = std::size_t>
@@ -424,21 +458,25 @@ SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, Low low, High
 {
     using batch = xsimd::batch<T, Arch>;
     constexpr std::size_t lanes = batch::size;
+    constexpr bool scaled = Out == fwht_scale::scalar;
     const batch minus_one = fwht_opaque_minus_one<T, Arch>();
     const batch* const fused = fwht_fused_subtract<Arch> ? &minus_one : nullptr;
+    const batch scale(out.scalar);
     for (std::size_t block = 0; block < n; block += R / 2 * high)
         for (std::size_t part = block; part < block + high; part += 2 * low)
             for (std::size_t j = part; j < part + low; j += lanes) {
                 std::array<batch, R> v;
                 fwht_load_registers<fwht_scale::none, T, Arch>(v, x, {}, j, low, high, std::make_index_sequence<R>{});
-                fwht_register_network<1, R>(v, fused);
-                fwht_store_registers<Out, T, Arch>(v, x, out, j, low, high, std::make_index_sequence<R>{});
+                fwht_register_network<1, R>(v, fused, scaled ? &scale : nullptr);
+                fwht_store_registers<scaled ? fwht_scale::none : Out, T, Arch>(v, x, out, j, low, high,
+                                                                                std::make_index_sequence<R>{});
             }
 }
 
 /// The transform of two leaves, x[0..2 R L): the leaf pass on each, the last stage (between
 /// them) fused into the second one while it is still in registers. A separate radix-2 pass would
-/// load and store every register once more for a single stage.
+/// load and store every register once more for a single stage. A scalar `out` rides in that stage
+/// (fwht_butterfly_scaled).
 template <class T, class Arch, std::size_t R, fwht_scale In, fwht_scale Out, std::size_t... I>
 SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
                                            const fwht_window<T>& ahead, std::index_sequence<I...> seq) noexcept
@@ -453,10 +491,18 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pair(T* x, const fwht_multiplier<T>& in, c
     fwht_load_registers<In, T, Arch>(v, x, in, half, lanes, 2 * lanes, seq);
     fwht_registers_transform<T, Arch, R>(v);
     const fwht_multiplier<T> out_b = out.advanced(half);
+    const batch scale(out.scalar);
     const auto fuse = [&](std::size_t i, const batch& b) SPINQUANT_FWHT_LAMBDA_INLINE {
-        const batch a = batch::load_unaligned(x + i);
-        fwht_store<Out, T, Arch>(x, a + b, out, i);
-        fwht_store<Out, T, Arch>(x + half, a - b, out_b, i);
+        std::array<batch, 2> pair{batch::load_unaligned(x + i), b};
+        if constexpr (Out == fwht_scale::scalar) {
+            fwht_butterfly_scaled<0, 1>(pair, scale);
+            pair[0].store_unaligned(x + i);
+            pair[1].store_unaligned(x + half + i);
+        } else {
+            fwht_butterfly<0, 1>(pair, static_cast<const batch*>(nullptr));
+            fwht_store<Out, T, Arch>(x, pair[0], out, i);
+            fwht_store<Out, T, Arch>(x + half, pair[1], out_b, i);
+        }
     };
     (fuse(I * lanes, v[I]), ...);
 }
@@ -682,10 +728,19 @@ template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
                      const fwht_window<T>& region = {}) noexcept
 {
-    const auto ahead = region.advanced(fwht_prefetch_bytes / sizeof(T));
     constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     const std::size_t n = x.size();
     SPINQUANT_ASSERT(std::has_single_bit(n));
+    if constexpr (In == fwht_scale::scalar && Out == fwht_scale::none) {
+        // Above one leaf the scale rides in the last stage (fwht_butterfly_scaled), where it costs
+        // half a multiplication per register instead of one on the leaf's loads: 4096 floats 5%
+        // faster in cache on Zen 4, and the last pass's adders and multiply-adds more even.
+        if (n >= 2 * fwht_leaf_registers<Arch> * lanes) {
+            fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::scalar>(x, {}, in, region);
+            return;
+        }
+    }
+    const auto ahead = region.advanced(fwht_prefetch_bytes / sizeof(T));
     if (n < 2 * lanes)  // below the smallest leaf (two registers)
         fwht_scalar<T, In, Out>(x.data(), n, in, out);
     else if (n <= fwht_leaf_registers<Arch> * lanes)
