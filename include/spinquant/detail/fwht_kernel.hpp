@@ -19,7 +19,7 @@
 //   every 32 KiB span in L1 but for the lowest bit above the leaf, which one last pass takes
 //   together with the bits above the span: one pass over L2 (fwht_plan_passes).
 // - The leaf pass prefetches into L2 ahead of the data (fwht_prefetch_l2); the strided passes
-//   subtract with multiply-adds where that adds pipes (fwht_fused_subtract).
+//   subtract with multiply-adds in the upper half of each pass's stages (fwht_fused_subtract).
 // - Random signs ride along in the first pass, the scale (1/sqrt(n)) in the last stage (in the
 //   first pass for rows of one leaf); a per-element multiplier needed after the transform rides
 //   along in the last pass.
@@ -126,16 +126,15 @@ struct fwht_multiplier {
 // ---------------------------------------------------------------------------------------------
 // Butterflies between registers
 
-/// Whether the strided passes compute a - b as the multiply-add b * (-1) + a. Where additions and
-/// multiply-adds issue to separate pipes (Zen 4 and Zen 5), a butterfly then uses both instead of
-/// queueing its two operations on the adders: a radix-16 pass inside L1 took 3.3 instead of 4.0
-/// cycles per register on Zen 4 (BENCHMARKS.md). The product by -1 is exact, so the result is that
-/// of the subtraction, bit for bit. Only in the upper half of a pass's stages (fwht_fuses_stage):
-/// on Zen 4 a 512-bit store takes about as long on the multiply-add pipes as two multiply-adds,
-/// so a pass that also subtracts there in every stage loads them more than the adders. Not in the
-/// leaf pass, whose lane stages already fill the multiply-add pipes. Only where the multiply-add is
-/// one instruction and the constant can be hidden from the compiler (GCC folds b * -1 + a back
-/// into a - b).
+/// Whether the butterflies between registers compute a - b as the multiply-add b * (-1) + a. Where
+/// additions and multiply-adds issue to separate pipes (Zen 4 and Zen 5), a butterfly then uses
+/// both instead of queueing its two operations on the adders: a radix-16 pass inside L1 took 3.3
+/// instead of 4.0 cycles per register on Zen 4 (BENCHMARKS.md). The product by -1 is exact, so the
+/// result is that of the subtraction, bit for bit. Only in the upper half of a pass's stages
+/// (fwht_fuses_stage): on Zen 4 a 512-bit store takes about as long on the multiply-add pipes as
+/// two multiply-adds, and the leaf pass's lane stages are multiply-adds too. Only where the
+/// multiply-add is one instruction and the constant can be hidden from the compiler (GCC folds
+/// b * -1 + a back into a - b).
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
 #define SPINQUANT_FWHT_GNU_X86 1  // GNU inline assembly with x86 vector-register constraints
 #else
@@ -150,8 +149,9 @@ inline constexpr bool fwht_fused_subtract =
 #endif
 
 /// Whether a pass of R registers subtracts with multiply-adds (when it may) in its stage at register
-/// distance H: the upper half of its stages (radix 16: 2 of 4, radix 8: 2 of 3). Against every
-/// stage: 2048 floats 6% faster in cache on Zen 4, 8192 5%, 65536 2%.
+/// distance H: the upper half of its stages (radix 16: 2 of 4, radix 8: 2 of 3). In the strided
+/// passes, against every stage: 2048 floats 6% faster in cache on Zen 4, 8192 5%, 65536 2%; in the
+/// leaf pass, against none: 2-4% (every stage, the lower half or the last one only: no better).
 template <std::size_t H, std::size_t R>
 inline constexpr bool fwht_fuses_stage = 4 * H >= R;
 
@@ -337,7 +337,8 @@ inline void fwht_registers_transform(std::array<xsimd::batch<T, Arch>, R>& v) no
         fwht_register_network<2, R>(v);  // the zip rounds did register distance 1
     } else {
         fwht_lanes_all<T, Arch>(v, std::make_index_sequence<R>{});
-        fwht_register_network<1, R>(v);
+        const xsimd::batch<T, Arch> minus_one = fwht_opaque_minus_one<T, Arch>();
+        fwht_register_network<1, R>(v, fwht_fused_subtract<Arch> ? &minus_one : nullptr);
     }
 }
 
