@@ -19,7 +19,7 @@
 //   every 32 KiB span in L1 but for the lowest bit above the leaf, which one last pass takes
 //   together with the bits above the span: one pass over L2 (fwht_plan_passes).
 // - The leaf pass prefetches into L2 ahead of the data (fwht_prefetch_l2); the strided passes
-//   subtract with multiply-adds in the upper half of each pass's stages (fwht_fused_subtract).
+//   subtract with multiply-adds in some of their stages (fwht_fused_subtract, fwht_fuses_stage).
 // - Random signs ride along in the first pass, the scale (1/sqrt(n)) in the last stage (in the
 //   first pass for rows of one leaf); a per-element multiplier needed after the transform rides
 //   along in the last pass.
@@ -130,9 +130,9 @@ struct fwht_multiplier {
 /// additions and multiply-adds issue to separate pipes (Zen 4 and Zen 5), a butterfly then uses
 /// both instead of queueing its two operations on the adders: a radix-16 pass inside L1 took 3.3
 /// instead of 4.0 cycles per register on Zen 4 (BENCHMARKS.md). The product by -1 is exact, so the
-/// result is that of the subtraction, bit for bit. Only in the upper half of a pass's stages
-/// (fwht_fuses_stage): on Zen 4 a 512-bit store takes about as long on the multiply-add pipes as
-/// two multiply-adds, and the leaf pass's lane stages are multiply-adds too. Only where the
+/// result is that of the subtraction, bit for bit. Not in every stage (fwht_fuses_stage): on Zen 4
+/// a 512-bit store takes about as long on the multiply-add pipes as two multiply-adds, and the
+/// leaf pass's lane stages and the scaled last stage are multiply-adds too. Only where the
 /// multiply-add is one instruction and the constant can be hidden from the compiler (GCC folds
 /// b * -1 + a back into a - b).
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
@@ -148,12 +148,21 @@ inline constexpr bool fwht_fused_subtract =
     false;
 #endif
 
-/// Whether a pass of R registers subtracts with multiply-adds (when it may) in its stage at register
-/// distance H: the upper half of its stages (radix 16: 2 of 4, radix 8: 2 of 3). In the strided
-/// passes, against every stage: 2048 floats 6% faster in cache on Zen 4, 8192 5%, 65536 2%; in the
-/// leaf pass, against none: 2-4% (every stage, the lower half or the last one only: no better).
-template <std::size_t H, std::size_t R>
-inline constexpr bool fwht_fuses_stage = 4 * H >= R;
+/// Which register network: the leaf pass's (after its lane stages), a strided pass's, or the last
+/// strided pass's when it also applies the scale (fwht_butterfly_scaled in its last stage).
+enum class fwht_network { leaf, pass, scaled_pass };
+
+/// Whether a network of R registers subtracts with multiply-adds (when it may) in its stage at
+/// register distance H. Chosen by measuring every subset on Zen 4 (one pass over 4096 floats in
+/// L1, cycles per register): a strided pass in every stage but the last (radix 16: 2.55 against
+/// 3.18 for every stage, 2.96 for the upper half, 3.94 for none; radix 8: 2.27 against 2.77; radix 4:
+/// 2.04, none 1.99), a scaled pass in its stage at R/4 only (radix 16: 3.31 against 3.69 for none
+/// and 3.95 for all three; radix 4: none, 2.08 against 2.50), the leaf in the upper half of its
+/// register stages (7.3 against 8.1 for none and 7.5 for all; the best subset, 7.2, within noise).
+template <fwht_network Kind, std::size_t H, std::size_t R>
+inline constexpr bool fwht_fuses_stage = Kind == fwht_network::leaf   ? 4 * H >= R
+                                         : Kind == fwht_network::pass ? 2 * H < R
+                                                                      : R >= 8 && 4 * H == R;
 
 /// (v[J], v[J + H]) -> (v[J] + v[J + H], v[J] - v[J + H]); with a multiply-add for the difference
 /// when minus_one (-1 in every lane) is given.
@@ -192,19 +201,17 @@ inline void fwht_register_stage_scaled(std::array<B, R>& v, const B& c, std::ind
 }
 
 /// Stages at register distances First, 2 First, ..., R/2 (all of them when First = 1).
-/// minus_one: see fwht_butterfly and fwht_fuses_stage. scale, when given, multiplies the results:
-/// the last stage runs fwht_butterfly_scaled.
-template <std::size_t First, std::size_t R, class B>
+/// minus_one: see fwht_butterfly and fwht_fuses_stage. A scaled_pass network multiplies its
+/// results by *scale (its last stage runs fwht_butterfly_scaled).
+template <std::size_t First, std::size_t R, fwht_network Kind = fwht_network::pass, class B>
 inline void fwht_register_network(std::array<B, R>& v, const B* minus_one = nullptr, const B* scale = nullptr) noexcept
 {
-    if constexpr (First < R) {
-        if (2 * First == R && scale != nullptr) {
-            fwht_register_stage_scaled<First>(v, *scale, std::make_index_sequence<R / 2>{});
-            return;
-        }
-        fwht_register_stage<First>(v, fwht_fuses_stage<First, R> ? minus_one : nullptr,
+    if constexpr (Kind == fwht_network::scaled_pass && 2 * First == R) {
+        fwht_register_stage_scaled<First>(v, *scale, std::make_index_sequence<R / 2>{});
+    } else if constexpr (First < R) {
+        fwht_register_stage<First>(v, fwht_fuses_stage<Kind, First, R> ? minus_one : nullptr,
                                    std::make_index_sequence<R / 2>{});
-        fwht_register_network<2 * First, R>(v, minus_one, scale);
+        fwht_register_network<2 * First, R, Kind>(v, minus_one, scale);
     }
 }
 
@@ -334,11 +341,11 @@ inline void fwht_registers_transform(std::array<xsimd::batch<T, Arch>, R>& v) no
     static_assert(R >= 2 && std::has_single_bit(R));
     if constexpr (fwht_lane_method_for<T, Arch> == fwht_lane_method::zip) {
         fwht_lanes_all<T, Arch>(v, std::make_index_sequence<R / 2>{});
-        fwht_register_network<2, R>(v);  // the zip rounds did register distance 1
+        fwht_register_network<2, R, fwht_network::leaf>(v);  // the zip rounds did register distance 1
     } else {
         fwht_lanes_all<T, Arch>(v, std::make_index_sequence<R>{});
         const xsimd::batch<T, Arch> minus_one = fwht_opaque_minus_one<T, Arch>();
-        fwht_register_network<1, R>(v, fwht_fused_subtract<Arch> ? &minus_one : nullptr);
+        fwht_register_network<1, R, fwht_network::leaf>(v, fwht_fused_subtract<Arch> ? &minus_one : nullptr);
     }
 }
 
@@ -468,7 +475,10 @@ SPINQUANT_FWHT_FLATTEN void fwht_strided_pass(T* x, std::size_t n, Low low, High
             for (std::size_t j = part; j < part + low; j += lanes) {
                 std::array<batch, R> v;
                 fwht_load_registers<fwht_scale::none, T, Arch>(v, x, {}, j, low, high, std::make_index_sequence<R>{});
-                fwht_register_network<1, R>(v, fused, scaled ? &scale : nullptr);
+                if constexpr (scaled)
+                    fwht_register_network<1, R, fwht_network::scaled_pass>(v, fused, &scale);
+                else
+                    fwht_register_network<1, R>(v, fused);
                 fwht_store_registers<scaled ? fwht_scale::none : Out, T, Arch>(v, x, out, j, low, high,
                                                                                 std::make_index_sequence<R>{});
             }
