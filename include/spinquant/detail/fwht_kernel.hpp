@@ -733,8 +733,8 @@ void fwht_split_passes(T* x, std::size_t n, const fwht_multiplier<T>& in, const 
 }
 
 /// x <- diag(out) * H_n * diag(in) * x for n = x.size() a power of two (n >= 1), in place.
-/// A scalar multiplier may be given as `in` only (it commutes); `out` is none or a vector.
-/// No checks (callers validate), no allocation.
+/// A scalar multiplier may be given as `in` only (it commutes; above one leaf it is applied in the
+/// last stage); `out` is none or a vector. No checks (callers validate), no allocation.
 template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
                      const fwht_window<T>& region = {}) noexcept
