@@ -436,7 +436,7 @@ SPINQUANT_FWHT_INLINE void fwht_prefetch_l2(const void* p) noexcept
 }
 
 /// The leaf pass over x[0..n): every run of R * L consecutive elements is transformed
-/// completely in registers. `in` multiplies on load, `out` on store. n is a multiple of R * L.
+/// completely in registers (R = 2, 4, ... fwht_leaf_registers). `in` multiplies on load, `out` on store. n is a multiple of R * L.
 /// `ahead` is prefetched in step (see fwht_window).
 template <class T, class Arch, std::size_t R, fwht_scale In, fwht_scale Out>
 SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
@@ -450,6 +450,20 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multi
         fwht_load_registers<In, T, Arch>(v, x, in, i, lanes, 2 * lanes, std::make_index_sequence<R>{});
         fwht_registers_transform<T, Arch, R>(v);
         fwht_store_registers<Out, T, Arch>(v, x, out, i, lanes, 2 * lanes, std::make_index_sequence<R>{});
+    }
+}
+
+/// The leaf pass with R chosen at run time: every run of `run` consecutive elements of x[0..n)
+/// transformed (`run` a power of two from 2 L to one leaf, n a multiple of it).
+template <class T, class Arch, fwht_scale In, fwht_scale Out>
+void fwht_leaf_runs(T* x, std::size_t run, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
+                    const fwht_window<T>& ahead) noexcept
+{
+    switch (run / xsimd::batch<T, Arch>::size) {
+    case 2: fwht_leaf_pass<T, Arch, 2, In, Out>(x, n, in, out, ahead); break;
+    case 4: fwht_leaf_pass<T, Arch, 4, In, Out>(x, n, in, out, ahead); break;
+    case 8: fwht_leaf_pass<T, Arch, 8, In, Out>(x, n, in, out, ahead); break;
+    default: fwht_leaf_pass<T, Arch, fwht_leaf_registers<Arch>, In, Out>(x, n, in, out, ahead); break;
     }
 }
 
@@ -674,13 +688,9 @@ void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned level
     constexpr std::size_t leaf = fwht_leaf_registers<Arch>;
     constexpr std::size_t block = fwht_block_bytes / sizeof(T);
     if (levels == 0) {
-        // The leaf pass: the whole of x when it is smaller than a leaf.
-        switch (n / xsimd::batch<T, Arch>::size) {
-        case 2: fwht_leaf_pass<T, Arch, 2, In, Out>(x, n, in, out, ahead); break;
-        case 4: fwht_leaf_pass<T, Arch, 4, In, Out>(x, n, in, out, ahead); break;
-        case 8: fwht_leaf_pass<T, Arch, 8, In, Out>(x, n, in, out, ahead); break;
-        default: fwht_leaf_pass<T, Arch, leaf, In, Out>(x, n, in, out, ahead); break;
-        }
+        // The leaf pass: on runs of one leaf, or on the whole of x when it is smaller.
+        constexpr std::size_t leaf_size = leaf * xsimd::batch<T, Arch>::size;
+        fwht_leaf_runs<T, Arch, In, Out>(x, n < leaf_size ? n : leaf_size, n, in, out, ahead);
         return;
     }
     const unsigned top = levels - 1;
@@ -774,6 +784,16 @@ template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_pow2_rows_fixed(T* x, std::size_t n, std::size_t rows, std::size_t stride, const fwht_multiplier<T>& in,
                           const fwht_multiplier<T>& out, const fwht_window<T>& region) noexcept
 {
+    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
+    if constexpr (In != fwht_scale::vector && Out != fwht_scale::vector) {
+        // Contiguous rows of at most one leaf, whose multipliers do not depend on the place in the
+        // row: one leaf pass over all of them (each of its runs is a row), without a call per row.
+        if (stride == n && n >= 2 * lanes && n <= fwht_leaf_registers<Arch> * lanes) {
+            fwht_leaf_runs<T, Arch, In, Out>(x, n, n * rows, in, out,
+                                             region.advanced(fwht_prefetch_bytes / sizeof(T)));
+            return;
+        }
+    }
     for (std::size_t r = 0; r < rows; ++r)
         fwht_pow2_fixed<T, Arch, In, Out>({x + r * stride, n}, in, out, region.advanced(r * stride));
 }
