@@ -436,8 +436,8 @@ SPINQUANT_FWHT_INLINE void fwht_prefetch_l2(const void* p) noexcept
 }
 
 /// The leaf pass over x[0..n): every run of R * L consecutive elements is transformed
-/// completely in registers (R = 2, 4, ... fwht_leaf_registers). `in` multiplies on load, `out` on store. n is a multiple of R * L.
-/// `ahead` is prefetched in step (see fwht_window).
+/// completely in registers (R = 2, 4, ... fwht_leaf_registers). `in` multiplies on load, `out` on
+/// store. n is a multiple of R * L. `ahead` is prefetched in step (see fwht_window).
 template <class T, class Arch, std::size_t R, fwht_scale In, fwht_scale Out>
 SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
                     const fwht_window<T>& ahead) noexcept
