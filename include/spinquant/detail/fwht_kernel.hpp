@@ -453,8 +453,19 @@ SPINQUANT_FWHT_FLATTEN void fwht_leaf_pass(T* x, std::size_t n, const fwht_multi
     }
 }
 
+/// Elements in one leaf on Arch.
+template <class T, class Arch>
+inline constexpr std::size_t fwht_leaf_size = fwht_leaf_registers<Arch> * xsimd::batch<T, Arch>::size;
+
+/// Whether a transform of n (a power of two) is one leaf pass: two registers to one leaf.
+template <class T, class Arch>
+[[nodiscard]] constexpr bool fwht_fits_leaf(std::size_t n) noexcept
+{
+    return n >= 2 * xsimd::batch<T, Arch>::size && n <= fwht_leaf_size<T, Arch>;
+}
+
 /// The leaf pass with R chosen at run time: every run of `run` consecutive elements of x[0..n)
-/// transformed (`run` a power of two from 2 L to one leaf, n a multiple of it).
+/// transformed (fwht_fits_leaf(run), n a multiple of it).
 template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_leaf_runs(T* x, std::size_t run, std::size_t n, const fwht_multiplier<T>& in, const fwht_multiplier<T>& out,
                     const fwht_window<T>& ahead) noexcept
@@ -677,7 +688,7 @@ inline constexpr auto fwht_plans = [] {
     return bits;
 }
 
-/// The transform of x[0..n) for n = 2^(bits below `levels`) >= 2 registers, made of the leaf
+/// The transform of x[0..n) for n = 2^(bits below `levels`) (whole leaves), made of the leaf
 /// pass and strided passes 0..levels-1. Sub-transforms of up to fwht_block_bytes run pass after
 /// pass; larger ones recurse depth first: the 2^r parts below the top pass, then the top pass.
 /// `ahead` is prefetched by the leaf pass in step.
@@ -685,12 +696,9 @@ template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_passes(T* x, std::size_t n, const fwht_pass_plan& plan, unsigned levels, const fwht_multiplier<T>& in,
                  const fwht_multiplier<T>& out, const fwht_window<T>& ahead) noexcept
 {
-    constexpr std::size_t leaf = fwht_leaf_registers<Arch>;
     constexpr std::size_t block = fwht_block_bytes / sizeof(T);
     if (levels == 0) {
-        // The leaf pass: on runs of one leaf, or on the whole of x when it is smaller.
-        constexpr std::size_t leaf_size = leaf * xsimd::batch<T, Arch>::size;
-        fwht_leaf_runs<T, Arch, In, Out>(x, n < leaf_size ? n : leaf_size, n, in, out, ahead);
+        fwht_leaf_pass<T, Arch, fwht_leaf_registers<Arch>, In, Out>(x, n, in, out, ahead);
         return;
     }
     const unsigned top = levels - 1;
@@ -756,7 +764,7 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
         // Above one leaf the scale rides in the last stage (fwht_butterfly_scaled), where it costs
         // half a multiplication per register instead of one on the leaf's loads: 4096 floats 5%
         // faster in cache on Zen 4, and the last pass's adders and multiply-adds more even.
-        if (n >= 2 * fwht_leaf_registers<Arch> * lanes) {
+        if (n >= 2 * fwht_leaf_size<T, Arch>) {
             fwht_pow2_fixed<T, Arch, fwht_scale::none, fwht_scale::scalar>(x, {}, in, region);
             return;
         }
@@ -764,9 +772,9 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
     const auto ahead = region.advanced(fwht_prefetch_bytes / sizeof(T));
     if (n < 2 * lanes)  // below the smallest leaf (two registers)
         fwht_scalar<T, In, Out>(x.data(), n, in, out);
-    else if (n <= fwht_leaf_registers<Arch> * lanes)
-        fwht_passes<T, Arch, In, Out>(x.data(), n, {}, 0, in, out, ahead);
-    else if (n == 2 * fwht_leaf_registers<Arch> * lanes)
+    else if (fwht_fits_leaf<T, Arch>(n))
+        fwht_leaf_runs<T, Arch, In, Out>(x.data(), n, n, in, out, ahead);
+    else if (n == 2 * fwht_leaf_size<T, Arch>)
         fwht_leaf_pair<T, Arch, fwht_leaf_registers<Arch>, In, Out>(
             x.data(), in, out, ahead, std::make_index_sequence<fwht_leaf_registers<Arch>>{});
     else {
@@ -784,11 +792,10 @@ template <class T, class Arch, fwht_scale In, fwht_scale Out>
 void fwht_pow2_rows_fixed(T* x, std::size_t n, std::size_t rows, std::size_t stride, const fwht_multiplier<T>& in,
                           const fwht_multiplier<T>& out, const fwht_window<T>& region) noexcept
 {
-    constexpr std::size_t lanes = xsimd::batch<T, Arch>::size;
     if constexpr (In != fwht_scale::vector && Out != fwht_scale::vector) {
         // Contiguous rows of at most one leaf, whose multipliers do not depend on the place in the
         // row: one leaf pass over all of them (each of its runs is a row), without a call per row.
-        if (stride == n && n >= 2 * lanes && n <= fwht_leaf_registers<Arch> * lanes) {
+        if (stride == n && fwht_fits_leaf<T, Arch>(n)) {
             fwht_leaf_runs<T, Arch, In, Out>(x, n, n * rows, in, out,
                                              region.advanced(fwht_prefetch_bytes / sizeof(T)));
             return;
