@@ -635,7 +635,8 @@ TEMPLATE_TEST_CASE("apply_rows on power-of-two rows (one kernel call for all the
                    "[hadamard][rows]", float, double)
 {
     // From one register to a leaf pair and past it (K = 1, n >= L: the kernel's own row loop for
-    // row-major views, with the multipliers chosen once; the strided path for the others).
+    // row-major views, with the multipliers chosen once, and packed rows of at most one leaf
+    // without signs as one leaf pass over all of them; the strided path for the other views).
     const std::size_t n = GENERATE(as<std::size_t>{}, 16, 32, 64, 256, 512, 1024);
     check_rows_every_layout<TestType, xsimd::default_arch>(n, 7 * n);
 }
