@@ -200,7 +200,7 @@ void leaf_pass(batch& b)
     constexpr std::size_t leaf = detail::fwht_leaf_registers<arch> * xsimd::batch<float, arch>::size;
     // The leaf's own orthonormal scale, so that repeated passes keep the values' size.
     const detail::fwht_multiplier<float> scale{detail::fwht_scale::scalar, 1.0f / std::sqrt(float(leaf)), nullptr};
-    const detail::fwht_window<float> region{b.data.data(), b.data.size()};
+    const auto region = detail::fwht_rows_window<float>(b.n, {b.data.data(), b.data.size()});  // as apply_rows
     for (std::size_t r = 0; r < b.rows; ++r)
         detail::fwht_leaf_pass<float, arch, detail::fwht_leaf_registers<arch>, detail::fwht_scale::scalar,
                                detail::fwht_scale::none>(

@@ -178,7 +178,7 @@ void fwht(V&& x)
     using T = typename decltype(s)::element_type;
     const detail::fwht_multiplier<T> scale{detail::fwht_scale::scalar,
                                            static_cast<T>(1.0 / std::sqrt(static_cast<double>(s.size()))), nullptr};
-    detail::fwht_pow2_scaled<T>(s, scale, {}, detail::fwht_window<T>{s.data(), s.size()});
+    detail::fwht_pow2_scaled<T>(s, scale, {}, detail::fwht_rows_window<T>(s.size(), {s.data(), s.size()}));
 }
 
 /// A Walsh-Hadamard transform of one size n = K * 2^k, built once and applied many times: the
@@ -466,7 +466,7 @@ private:
             if (k_ == 1) {  // the kernel's row loop: the multipliers are chosen once
                 const auto [in, out] = pow2_multipliers(inverse);
                 detail::fwht_pow2_rows<value_type, Arch>(a.data, n_, a.rows, a.row_stride, in, out,
-                                                         {a.data, extent});
+                                                         detail::fwht_rows_window<value_type>(n_, {a.data, extent}));
                 return;
             }
             for (std::size_t r = 0; r < a.rows; ++r) {
@@ -545,7 +545,7 @@ private:
         const multiplier scaled_signs = scaled_signs_multiplier();
         if (k_ == 1) {
             const auto [in, out] = pow2_multipliers(inverse);
-            detail::fwht_pow2_scaled<value_type, Arch>(x, in, out, region);
+            detail::fwht_pow2_scaled<value_type, Arch>(x, in, out, detail::fwht_rows_window(n_, region));
             return;
         }
         // m = 1 (n = K): the sign tables in scalars. Other short rows: the tile kernel with one row.
