@@ -1052,6 +1052,26 @@ TEST_CASE("the kernels agree with the definition on every SIMD architecture the 
     CHECK(tested >= 1);
 }
 
+TEMPLATE_TEST_CASE("rows of at most one L1 block read in order do not prefetch; longer rows keep their window",
+                   "[hadamard]", float, double)
+{
+    namespace detail = spinquant::detail;
+    using T = TestType;
+    std::vector<T> memory(4 * detail::fwht_block_bytes / sizeof(T));
+    const detail::fwht_window<T> region{memory.data(), memory.size()};
+    const std::size_t block = detail::fwht_block_bytes / sizeof(T);
+    for (const std::size_t n : {std::size_t{1}, std::size_t{64}, block / 2, block}) {
+        const auto w = detail::fwht_rows_window<T>(n, region);
+        CHECK(w.data == nullptr);
+        CHECK(w.size == 0);
+    }
+    for (const std::size_t n : {2 * block, 4 * block}) {
+        const auto w = detail::fwht_rows_window<T>(n, region);
+        CHECK(w.data == region.data);
+        CHECK(w.size == region.size);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Golden files from the reference
 
