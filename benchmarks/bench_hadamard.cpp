@@ -197,14 +197,14 @@ void leaf_pass(batch& b)
 {
     namespace detail = spinquant::detail;
     using arch = xsimd::default_arch;
-    constexpr std::size_t leaf = detail::fwht_leaf_registers<arch> * xsimd::batch<float, arch>::size;
+    constexpr std::size_t leaf = detail::fwht_leaf_size<float, arch>;
     // The leaf's own orthonormal scale, so that repeated passes keep the values' size.
     const detail::fwht_multiplier<float> scale{detail::fwht_scale::scalar, 1.0f / std::sqrt(float(leaf)), nullptr};
     const auto region = detail::fwht_rows_window<float>(b.n, {b.data.data(), b.data.size()});  // as apply_rows
     for (std::size_t r = 0; r < b.rows; ++r)
         detail::fwht_leaf_pass<float, arch, detail::fwht_leaf_registers<arch>, detail::fwht_scale::scalar,
                                detail::fwht_scale::none>(
-            b.data.data() + r * b.n, b.n, scale, {}, region.advanced(r * b.n + detail::fwht_prefetch_bytes / sizeof(float)));
+            b.data.data() + r * b.n, b.n, scale, {}, detail::fwht_leaf_ahead(region.advanced(r * b.n)));
     benchmark::DoNotOptimize(b.data.data());
     benchmark::ClobberMemory();
 }

@@ -1020,7 +1020,7 @@ void check_arch()
     }
     // Whole plans (kernel, signs, both mixes) for K * m with m around the strip widths, up to two
     // leaves (the fused leaf pair) and at least 16 registers.
-    const std::size_t largest_m = std::max(4 * lanes * 4, 2 * spinquant::detail::fwht_leaf_registers<Arch> * lanes);
+    const std::size_t largest_m = std::max(4 * lanes * 4, 2 * spinquant::detail::fwht_leaf_size<T, Arch>);
     for (const std::size_t k : {std::size_t{1}, std::size_t{12}, std::size_t{28}})
         for (std::size_t m = 1; m <= largest_m; m *= 2) {
             hadamard_options o;

@@ -427,6 +427,14 @@ struct fwht_window {
 /// within 0.02), 0.60-0.72 with 4 KiB or none, 0.56-0.65 with 8 KiB, 0.55-0.64 with 16 KiB.
 inline constexpr std::size_t fwht_prefetch_bytes = 5632;
 
+/// What the leaf pass over the data at `region`'s start prefetches in step: the region from
+/// fwht_prefetch_bytes on.
+template <class T>
+[[nodiscard]] constexpr fwht_window<T> fwht_leaf_ahead(const fwht_window<T>& region) noexcept
+{
+    return region.advanced(fwht_prefetch_bytes / sizeof(T));
+}
+
 /// What a transform of consecutive rows of n elements, taken in order, should prefetch of
 /// `region`: nothing for rows of at most one block. Such a row is read once, in order, by its leaf
 /// pass (its other passes stay in L1), so the rows make one stream that the hardware prefetcher
@@ -613,7 +621,7 @@ struct fwht_pass_plan {
 /// Bits finished by the leaf pass on Arch.
 template <class T, class Arch>
 inline constexpr unsigned fwht_leaf_bits =
-    static_cast<unsigned>(std::countr_zero(fwht_leaf_registers<Arch> * xsimd::batch<T, Arch>::size));
+    static_cast<unsigned>(std::countr_zero(fwht_leaf_size<T, Arch>));
 
 /// Strided passes whose stride is a multiple of this many bytes put all their streams in one
 /// L1 set; more streams than the L1 has ways (12 on Zen 5, 8 to 12 elsewhere) thrash it.
@@ -786,7 +794,7 @@ void fwht_pow2_fixed(std::span<T> x, const fwht_multiplier<T>& in, const fwht_mu
             return;
         }
     }
-    const auto ahead = region.advanced(fwht_prefetch_bytes / sizeof(T));
+    const auto ahead = fwht_leaf_ahead(region);
     if (n < 2 * lanes)  // below the smallest leaf (two registers)
         fwht_scalar<T, In, Out>(x.data(), n, in, out);
     else if (fwht_fits_leaf<T, Arch>(n))
@@ -813,8 +821,7 @@ void fwht_pow2_rows_fixed(T* x, std::size_t n, std::size_t rows, std::size_t str
         // Contiguous rows of at most one leaf, whose multipliers do not depend on the place in the
         // row: one leaf pass over all of them (each of its runs is a row), without a call per row.
         if (stride == n && fwht_fits_leaf<T, Arch>(n)) {
-            fwht_leaf_runs<T, Arch, In, Out>(x, n, n * rows, in, out,
-                                             region.advanced(fwht_prefetch_bytes / sizeof(T)));
+            fwht_leaf_runs<T, Arch, In, Out>(x, n, n * rows, in, out, fwht_leaf_ahead(region));
             return;
         }
     }
