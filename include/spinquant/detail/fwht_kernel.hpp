@@ -17,7 +17,8 @@
 //   array once.
 // - Where that would take two passes over L2 (65536 floats with AVX-512), a split plan finishes
 //   every 32 KiB span in L1 but for the lowest bit above the leaf, which one last pass takes
-//   together with the bits above the span: one pass over L2 (fwht_plan_passes).
+//   together with the bits above the span: one pass over L2 (fwht_plan_passes). Rows of four
+//   spans (32768 floats) run it too: its last pass aliases less in L1 than the contiguous top pass.
 // - The leaf pass prefetches into L2 ahead of the data (fwht_prefetch_l2), except where rows of
 //   at most one block are read in order, a stream the hardware follows (fwht_rows_window).
 // - The strided passes subtract with multiply-adds in some of their stages (fwht_fused_subtract,
@@ -665,6 +666,15 @@ template <class T, class Arch>
 /// still took 10% longer in cache).
 inline constexpr std::size_t fwht_span_bytes = std::size_t{1} << 15;
 
+/// Rows of at least this many spans run the split plan also where it takes as many passes as the
+/// contiguous one. On Zen 4, 128 KiB rows (32768 floats, 16384 doubles) took 6-11% less time in
+/// cache with it (AVX-512 and AVX2; SSE 3-4%) and from memory reached 0.69-0.71 of the stream
+/// against 0.65-0.68 (floats; doubles 0.73-0.74 against 0.70). With AVX-512 or AVX2 the contiguous
+/// plan's top pass there reads its 8 lines 16 KiB apart, all in one L1 set; the split plan's last
+/// pass 4 from each of two sets. 64 KiB rows (two spans) took 5% less in cache but from memory
+/// 0.71-0.74 against 0.74-0.75 (floats), so they stay contiguous.
+inline constexpr std::size_t fwht_split_tie_spans = 4;
+
 /// The strided passes a split plan runs inside each span: index bits leaf + 1 .. span - 1 (bit
 /// `leaf` is left to the last pass). The same for every length: a compile-time constant.
 template <class T, class Arch>
@@ -682,7 +692,8 @@ inline constexpr fwht_pass_plan fwht_span_plan = [] {
 /// leaf (whose stride does not alias in L1) to the last pass, which takes it with the bits above
 /// the span, so every span gets all its other bits while it sits in L1. Used where it saves a pass
 /// (the plan is then fwht_span_plan, span_bits > 0: the passes inside a span; the last pass
-/// follows from n).
+/// follows from n), and where both take as many passes but the row spans at least
+/// fwht_split_tie_spans spans (measured faster there; see that constant).
 template <class T, class Arch>
 [[nodiscard]] constexpr fwht_pass_plan fwht_plan_passes(unsigned bits) noexcept
 {
@@ -692,9 +703,11 @@ template <class T, class Arch>
     const bool leaf_stride_aliases = (std::size_t{1} << leaf) * sizeof(T) >= fwht_alias_bytes;
     const unsigned span = split.span_bits;
     if (bits <= span || split.count == 0 || leaf_stride_aliases || 1 + bits - span > fwht_max_radix_log2<Arch> ||
-        bits - span > fwht_radix_cap<T, Arch>(span) || split.count + 1 >= contiguous.count)
+        bits - span > fwht_radix_cap<T, Arch>(span))
         return contiguous;
-    return split;
+    const bool saves_pass = split.count + 1 < contiguous.count;
+    const bool long_tie = split.count + 1 == contiguous.count && (std::size_t{1} << (bits - span)) >= fwht_split_tie_spans;
+    return saves_pass || long_tie ? split : contiguous;
 }
 
 /// The plan of every length, index log2(n), built at compile time: a row looks its plan up.
